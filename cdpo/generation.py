@@ -1,0 +1,131 @@
+"""Batched sampling through HF `generate` with KV cache, stop strings and a tokens/s progress bar.
+
+Each completion keeps the response token ids the model produced (cut at the stop string), so
+later stages train and score on exactly these ids instead of re-tokenising text.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    # "stop": hit a stop string, "eos": the model ended, "length": ran out of max_new_tokens
+    finish_reason: str
+
+
+@dataclass
+class GenerationStats:
+    sequences: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+    per_batch: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+
+def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _response_ids(tokenizer, ids: list[int], text: str) -> list[int]:
+    """Token ids that decode to `text`: the generated ids as far as they stay a prefix of it,
+    then the tail (the piece of the token that straddled the stop string) re-tokenised."""
+    keep = len(ids)
+    while keep and not text.startswith(tokenizer.decode(ids[:keep], skip_special_tokens=True)):
+        keep -= 1
+    tail = text[len(tokenizer.decode(ids[:keep], skip_special_tokens=True)):]
+    tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail else []
+    return ids[:keep] + tail_ids
+
+
+def _finish(tokenizer, new_ids: list[int], stop: list[str]) -> Completion:
+    eos = set(_eos_ids(tokenizer))
+    ended_by_eos = False
+    for i, tok in enumerate(new_ids):
+        if tok in eos:
+            new_ids, ended_by_eos = new_ids[:i], True
+            break
+    new_ids = [t for t in new_ids if t != tokenizer.pad_token_id]
+    full = tokenizer.decode(new_ids, skip_special_tokens=True)
+    text, stopped = _cut_at_stop(full, stop)
+    ids = new_ids if not stopped else _response_ids(tokenizer, new_ids, text)
+    if stopped or ended_by_eos:
+        # A finished response ends with EOS, so SFT teaches the model to stop.
+        return Completion(text, ids + [tokenizer.eos_token_id], "stop" if stopped else "eos")
+    return Completion(text, ids, "length")
+
+
+def _eos_ids(tokenizer) -> list[int]:
+    ids = tokenizer.eos_token_id
+    return list(ids) if isinstance(ids, (list, tuple)) else [ids]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    n: int = 1,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    stop: list[str] | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    progress: bool = True,
+    desc: str = "generate",
+    stats: GenerationStats | None = None,
+    add_special_tokens: bool = True,
+) -> list[list[Completion]]:
+    """Sample `n` completions per prompt (greedy when temperature == 0).
+
+    Prompts are repeated n times and packed into left-padded batches of `batch_size` rows; each
+    batch's seed is derived from `seed` and the batch index, so a resumed run reproduces it.
+    """
+    stop = list(stop or [])
+    if temperature == 0 and n > 1:
+        raise ValueError("n > 1 with greedy decoding (temperature=0) gives n identical completions")
+    tokenizer.padding_side = "left"
+    rows = [p for p in prompts for _ in range(n)]
+    out: list[Completion] = []
+    stats = stats if stats is not None else GenerationStats()
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(rows), desc=desc, unit="seq", disable=not progress, dynamic_ncols=True)
+    model.eval()
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        enc = tokenizer(batch, return_tensors="pt", padding=True,
+                        add_special_tokens=add_special_tokens).to(device)
+        torch.manual_seed(seed * 1_000_003 + start)
+        kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+        else:
+            kwargs.update(do_sample=False)
+        if stop:
+            kwargs.update(stop_strings=stop, tokenizer=tokenizer)
+        t0 = time.perf_counter()
+        seqs = model.generate(**enc, **kwargs)
+        dt = time.perf_counter() - t0
+        new = seqs[:, enc["input_ids"].shape[1]:].tolist()
+        done = [_finish(tokenizer, ids, stop) for ids in new]
+        out.extend(done)
+        stats.sequences += len(batch)
+        stats.new_tokens += sum(len(c.token_ids) for c in done)
+        stats.seconds += dt
+        stats.per_batch.append(dt)
+        bar.update(len(batch))
+        bar.set_postfix(tok_s=f"{stats.tokens_per_s:.0f}")
+    bar.close()
+    return [out[i * n:(i + 1) * n] for i in range(len(prompts))]

@@ -1,0 +1,250 @@
+"""Loading causal LMs and tokenizers from a hub id, a local directory or the embedded default.
+
+Also the tiny random Llama models the tests use, and ``model_summary`` for logs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from .embedded import DEFAULT_EMBEDDED_ALIAS, embedded_model_dir, embedded_name
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}  # fmt: skip
+QUANTIZATIONS = ("nf4",)
+
+
+class OfflineHubError(OSError):
+    """A hub id was asked for while the machine is offline and it is not in the local cache."""
+
+
+class QuantizationUnavailableError(RuntimeError):
+    """4-bit loading was asked for where bitsandbytes or CUDA is missing."""
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    gradient_checkpointing: bool = False,
+    attn_implementation: str | None = None,
+    quantization: str | None = None,
+):
+    """A transformers causal LM in eval mode.
+
+    ``name_or_path``: a hub id, a local directory, or an embedded alias
+    (``"embedded:smollm2-135m-instruct"``, ``"smollm2_135m"``).
+    ``dtype``: float32 / bfloat16 / float16 (or "auto" for the checkpoint's own).
+    ``quantization="nf4"``: 4-bit QLoRA base (bitsandbytes + CUDA), prepared for k-bit training.
+    """
+    kwargs: dict = {"dtype": "auto" if dtype == "auto" else torch_dtype(dtype)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if quantization is not None:
+        kwargs.update(_nf4_kwargs(quantization, device))
+
+    model = _from_pretrained(AutoModelForCausalLM, name_or_path, **kwargs)
+
+    # Non-reentrant checkpointing works with a frozen base (LoRA) without
+    # enable_input_require_grads hacks.
+    ckpt_kwargs = {"use_reentrant": False}
+    if quantization is not None:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs=ckpt_kwargs,
+        )
+    else:
+        model.to(device)
+        if gradient_checkpointing:
+            _enable_checkpointing(model, ckpt_kwargs)
+    if gradient_checkpointing:
+        model.config.use_cache = False  # the KV cache is useless (and warned about) when checkpointing
+    return model.eval()
+
+
+def _enable_checkpointing(model, kwargs: dict) -> None:
+    # transformers 5.x renamed gradient_* to activation_* (the old name warns); 4.x has only the old
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer for ``name_or_path`` with a pad token and ``padding_side="left"``.
+
+    Left padding is what batched ``generate`` needs (new tokens follow the prompt directly);
+    callers that build training batches may set ``tokenizer.padding_side = "right"``.
+    A missing pad token is set to the EOS token.
+    """
+    tokenizer = _from_pretrained(AutoTokenizer, name_or_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return _DTYPES[str(name).removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set.
+
+    Read from the environment at call time: huggingface_hub reads it once at import.
+    """
+    env = any(os.environ.get(k, "").upper() in {"1", "ON", "YES", "TRUE"}
+              for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))  # fmt: skip
+    from huggingface_hub import constants
+
+    return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def resolve_source(name_or_path: str) -> str:
+    """A local directory for embedded aliases and paths; hub ids are returned unchanged."""
+    name_or_path = str(name_or_path)
+    key = embedded_name(name_or_path)
+    if key is not None:
+        return str(embedded_model_dir(key))
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        return str(local)
+    if _looks_like_path(name_or_path):
+        raise FileNotFoundError(f"model directory {name_or_path} does not exist")
+    return name_or_path
+
+
+def _looks_like_path(name: str) -> bool:
+    # hub ids are "name" or "org/name"; anything else is meant as a path
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
+
+
+def _from_pretrained(cls, name_or_path: str, **kwargs):
+    source = resolve_source(name_or_path)
+    if Path(source).exists():
+        return cls.from_pretrained(source, **kwargs)
+    offline = hub_offline()
+    try:
+        # local_files_only makes sure nothing touches the network when offline, even if
+        # HF_HUB_OFFLINE was set after huggingface_hub was imported.
+        return cls.from_pretrained(source, local_files_only=offline, **kwargs)
+    except OSError as e:
+        if offline:
+            raise OfflineHubError(
+                f"{source!r} looks like a Hugging Face hub id, but this machine is offline "
+                f"(HF_HUB_OFFLINE=1) and it is not in the local hub cache. Pass a local "
+                f"directory holding the model instead (model.name_or_path=/path/to/model), "
+                f"or the embedded default {DEFAULT_EMBEDDED_ALIAS!r}."
+            ) from e
+        raise OSError(
+            f"could not load {source!r} from the Hugging Face hub: {e}\nIf this machine has no "
+            f"network, set HF_HUB_OFFLINE=1 and pass a local directory or {DEFAULT_EMBEDDED_ALIAS!r}."
+        ) from e
+
+
+def _nf4_kwargs(quantization: str, device: str) -> dict:
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {quantization!r}; supported: {', '.join(QUANTIZATIONS)} or None")
+    missing = []
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("bitsandbytes is not installed (pip install 'cdpo[qlora]')")
+    if not torch.cuda.is_available():
+        missing.append("CUDA is not available (torch.cuda.is_available() is False)")
+    elif torch.device(device).type != "cuda":
+        missing.append(f"device is {device!r}, not a CUDA device")
+    if missing:
+        raise QuantizationUnavailableError(
+            f"quantization={quantization!r} (4-bit QLoRA) needs bitsandbytes and a CUDA GPU, but "
+            + "; ".join(missing)
+            + ". Load without quantization (quantization=null) on this machine."
+        )
+    from transformers import BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+    index = torch.device(device).index or 0
+    return {"quantization_config": bnb, "device_map": {"": index}}
+
+
+def tiny_llama(
+    *,
+    vocab_size: int = 128,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    seed: int = 0,
+    tie_word_embeddings: bool = True,
+    bos_token_id: int = 1,
+    eos_token_id: int = 2,
+    pad_token_id: int = 2,
+) -> LlamaForCausalLM:
+    """A random-initialised small Llama (eval mode), identical for equal arguments.
+
+    It has the real module names (q/k/v/o_proj, gate/up/down_proj), so LoRA presets apply.
+    The global RNG is left untouched.
+    """
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model.eval()
+
+
+def tiny_llama_like_embedded(seed: int = 0, **kwargs) -> LlamaForCausalLM:
+    """A tiny random Llama over the embedded model's vocabulary (49152 tokens).
+
+    Pair it with ``load_tokenizer("embedded:smollm2-135m-instruct")`` to run real text
+    through a model that costs milliseconds. Converts the embedded GGUF on first use.
+    """
+    config = json.loads((embedded_model_dir() / "config.json").read_text())
+    ids = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
+    return tiny_llama(vocab_size=config["vocab_size"], seed=seed, **{**ids, **kwargs})
+
+
+def model_summary(model) -> dict:
+    """Parameter counts for logs; shared (tied) tensors are counted once."""
+    total = trainable = 0
+    for p in model.parameters():
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return {
+        "class": type(model).__name__,
+        "total_params": total,
+        "trainable_params": trainable,
+        "trainable_pct": 100.0 * trainable / max(total, 1),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+    }

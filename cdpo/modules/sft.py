@@ -1,0 +1,27 @@
+"""Supervised fine-tuning on response tokens: the positive and negative CE models and the SFT baseline."""
+from __future__ import annotations
+
+import lightning as L
+
+from cdpo.logprobs import response_logps
+from cdpo.losses import sft_loss
+from cdpo.modules.optim import adamw_cosine
+
+
+class SFTModule(L.LightningModule):
+    def __init__(self, model, *, lr: float = 3e-4, weight_decay: float = 0.0, warmup_ratio: float = 0.0,
+                 loss_impl: str = "torch"):
+        super().__init__()
+        self.model = model
+        self.lr, self.weight_decay, self.warmup_ratio, self.loss_impl = lr, weight_decay, warmup_ratio, loss_impl
+
+    def training_step(self, batch, batch_idx):
+        logps = response_logps(self.model, batch, impl=self.loss_impl)
+        loss, metrics = sft_loss(logps, batch["mask"])
+        self.log("loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log_dict({k: v for k, v in metrics.items()}, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        return adamw_cosine(self.model, lr=self.lr, weight_decay=self.weight_decay,
+                            warmup_ratio=self.warmup_ratio, total_steps=self.trainer.estimated_stepping_batches)

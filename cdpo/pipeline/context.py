@@ -1,0 +1,93 @@
+"""Building blocks every stage needs: the base model and tokenizer, prompts, a Trainer, a logger."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cdpo.data import build_prompt, load_problems, stop_strings
+from cdpo.models import load_model, load_tokenizer, tiny_llama_like_embedded
+
+TINY = "tiny:llama"
+
+
+def device_for(cfg: DictConfig) -> str:
+    wants_gpu = cfg.trainer.accelerator in ("gpu", "cuda", "auto")
+    return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
+
+
+def base_model(cfg: DictConfig, *, for_training: bool = False):
+    """A fresh base model (no adapters) on the run's device."""
+    m = cfg.model
+    if m.path == TINY:
+        return tiny_llama_like_embedded(seed=cfg.seed).to(device_for(cfg))
+    return load_model(m.path, dtype=m.dtype, device=device_for(cfg), attn_implementation=m.attn_implementation,
+                      gradient_checkpointing=bool(m.gradient_checkpointing and for_training),
+                      quantization=m.get("quantization") or cfg.peft.get("quantization"))
+
+
+def tokenizer(cfg: DictConfig):
+    return load_tokenizer("embedded:smollm2-135m-instruct" if cfg.model.path == TINY else cfg.model.path)
+
+
+def problems(cfg: DictConfig, split: str, limit) -> list:
+    d = cfg.data
+    source = d.source
+    if split == d.train_split and d.get("train_source"):
+        source = d.train_source
+    return load_problems(source, split, limit=limit)
+
+
+def prompt_of(cfg: DictConfig, tok, question: str) -> str:
+    return build_prompt(question, cfg.data.prompt_style, n_shot=cfg.data.n_shot, tokenizer=tok)
+
+
+def prompt_ids(cfg: DictConfig, tok, prompt: str) -> list[int]:
+    # chat templates carry their own special tokens; plain prompts get the tokenizer's BOS if any
+    return tok(prompt, add_special_tokens=cfg.data.prompt_style != "chat")["input_ids"]
+
+
+def stops(cfg: DictConfig) -> list[str]:
+    return stop_strings(cfg.data.prompt_style)
+
+
+def make_logger(cfg: DictConfig, name: str):
+    kind = cfg.logger.kind
+    save_dir = Path(cfg.run_dir)
+    if kind == "none":
+        return False
+    if kind == "csv":
+        return L.pytorch.loggers.CSVLogger(save_dir=str(save_dir), name="csv", version=name)
+    if kind != "wandb":
+        raise ValueError(f"unknown logger.kind {kind!r}; choose wandb, csv or none")
+    mode = cfg.logger.mode
+    if mode == "auto":
+        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    save_dir.mkdir(parents=True, exist_ok=True)
+    return L.pytorch.loggers.WandbLogger(
+        project=cfg.logger.project, entity=cfg.logger.entity, name=f"{save_dir.name}/{name}", save_dir=str(save_dir),
+        offline=mode == "offline", config=OmegaConf.to_container(cfg, resolve=True), group=save_dir.name,
+        job_type=name,
+    )
+
+
+def finish_logger(logger) -> None:
+    if isinstance(logger, L.pytorch.loggers.WandbLogger):
+        import wandb
+
+        logger.finalize("success")
+        wandb.finish()
+
+
+def make_trainer(cfg: DictConfig, name: str, *, epochs: int, grad_accum: int = 1, max_steps: int = -1) -> L.Trainer:
+    t = cfg.trainer
+    return L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, precision=t.precision, max_epochs=epochs, max_steps=max_steps,
+        accumulate_grad_batches=grad_accum, gradient_clip_val=t.gradient_clip_val,
+        log_every_n_steps=t.log_every_n_steps, logger=make_logger(cfg, name), enable_checkpointing=False,
+        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=cfg.run_dir,
+        strategy=t.get("strategy", "auto"),
+    )

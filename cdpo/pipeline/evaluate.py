@@ -1,0 +1,69 @@
+"""Stage `eval`: accuracy on the held-out split, greedy (or sampled with n and pass@k), graded."""
+from __future__ import annotations
+
+from math import comb
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from cdpo.generation import GenerationStats
+from cdpo.io import write_json, write_jsonl
+from cdpo.models import load_adapter
+from cdpo.pipeline import context
+from cdpo.pipeline.artifacts import RunPaths
+from cdpo.pipeline.sample import generate_graded
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples per question, have {n}")
+    return 1.0 if n - c < k else 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def evaluate_model(cfg: DictConfig, model, tok, out_path: Path, label: str) -> dict:
+    e = cfg.eval
+    problems = context.problems(cfg, e.split, e.limit)
+    stats = GenerationStats()
+    records = generate_graded(cfg, model, tok, problems, n=e.n, temperature=e.temperature, top_p=1.0,
+                              max_new_tokens=cfg.generation.max_new_tokens, seed=cfg.seed, desc=f"eval {label}",
+                              stats=stats)
+    n_correct = [sum(s["correct"] for s in r["samples"]) for r in records]
+    first_correct = sum(r["samples"][0]["correct"] for r in records)
+    results = {
+        "model": label, "split": e.split, "questions": len(records), "samples_per_question": e.n,
+        "correct": first_correct, "accuracy": first_correct / max(len(records), 1),
+        "no_answer": sum(r["samples"][0]["extracted"] is None for r in records),
+        "pass_at_k": {str(k): sum(pass_at_k(e.n, c, k) for c in n_correct) / max(len(records), 1)
+                      for k in e.pass_k if k <= e.n},
+        "tokens_per_s": round(stats.tokens_per_s, 1),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    write_jsonl(out_path, records)
+    write_json(out_path.with_suffix(".json"), results)
+    return results
+
+
+def model_for(cfg: DictConfig, paths: RunPaths, label: str):
+    base = context.base_model(cfg)
+    if label == "base":
+        return base
+    adapter = paths.pos_adapter if label == "sft" else paths.aligned_adapter
+    return load_adapter(base, adapter, label)
+
+
+def run(cfg: DictConfig, paths: RunPaths) -> dict:
+    tok = context.tokenizer(cfg)
+    labels = [*cfg.compare, cfg.method.name]
+    results = {}
+    for label in dict.fromkeys(labels):
+        key = "aligned" if label == cfg.method.name else label
+        out = paths.eval_file(key)
+        if out.with_suffix(".json").exists():  # shared results (base, sft) are computed once per run dir
+            import json
+
+            results[label] = json.loads(out.with_suffix(".json").read_text())
+            continue
+        results[label] = evaluate_model(cfg, model_for(cfg, paths, key), tok, out, label)
+    return {"results": {label: {k: r[k] for k in ("questions", "correct", "accuracy", "no_answer", "pass_at_k")}
+                        for label, r in results.items()}}

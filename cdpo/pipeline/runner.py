@@ -1,0 +1,81 @@
+"""Runs the stages in order, skipping those whose artifact exists, and prints what was achieved."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import lightning as L
+from omegaconf import DictConfig
+
+from cdpo.pipeline import evaluate, sample, score, select, training
+from cdpo.pipeline.artifacts import RunPaths, is_done, mark_done
+
+STAGES = ("sample", "select", "sft_pos", "sft_neg", "score", "align", "eval")
+
+
+def _stages_for(cfg: DictConfig) -> list[str]:
+    if cfg.stage == "all":
+        stages = list(STAGES)
+        if cfg.method.loss != "cdpo":  # only cDPO consumes the CE scores
+            stages.remove("score")
+            if "sft" not in cfg.compare:
+                stages = [s for s in stages if s not in ("sft_pos", "sft_neg")]
+        return stages
+    if cfg.stage not in STAGES:
+        raise ValueError(f"unknown stage {cfg.stage!r}; choose one of {', '.join(STAGES)} or all")
+    return [cfg.stage]
+
+
+RUNNERS = {
+    "sample": sample.run,
+    "select": select.run,
+    "sft_pos": lambda cfg, paths: training.train_sft(cfg, paths, which="pos"),
+    "sft_neg": lambda cfg, paths: training.train_sft(cfg, paths, which="neg"),
+    "score": score.run,
+    "align": training.train_align,
+    "eval": evaluate.run,
+}
+
+
+def _quiet_lightning() -> None:
+    # Lightning's per-fit INFO lines (GPU available, tips) drown the stage summaries
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def run_pipeline(cfg: DictConfig) -> dict:
+    _quiet_lightning()
+    paths = RunPaths(cfg)
+    timings, summaries = {}, {}
+    for stage in _stages_for(cfg):
+        if stage != "eval" and is_done(paths, stage):
+            print(f"[{stage}] done already ({paths.marker(stage)}): skipped")
+            summaries[stage] = json.loads(paths.marker(stage).read_text())
+            continue
+        print(f"[{stage}] running")
+        L.seed_everything(cfg.seed, verbose=False)
+        t0 = time.perf_counter()
+        summary = RUNNERS[stage](cfg, paths)
+        timings[stage] = round(time.perf_counter() - t0, 1)
+        summary = {**summary, "seconds": timings[stage]}
+        mark_done(paths, stage, cfg, summary)
+        summaries[stage] = summary
+        print(f"[{stage}] finished in {timings[stage]:.0f} s: {_short(summary)}")
+    if "eval" in summaries:
+        print(results_table(summaries["eval"]["results"]))
+    print(f"artifacts: {paths.run}  (method: {paths.method})")
+    if timings:
+        print("wall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    return {"stages": summaries, "seconds": timings}
+
+
+def _short(summary: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, (dict, list)) and k != "seconds")
+
+
+def results_table(results: dict) -> str:
+    lines = ["", "| model | accuracy | correct / questions | no answer |", "|---|---|---|---|"]
+    for label, r in results.items():
+        lines.append(f"| {label} | {100 * r['accuracy']:.1f} % | {r['correct']} / {r['questions']} | {r['no_answer']} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,52 @@
+"""Stage `sample`: N trajectories per training question, each graded against the gold answer."""
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from cdpo.generation import GenerationStats, generate
+from cdpo.grading import grade
+from cdpo.pipeline import context
+from cdpo.pipeline.artifacts import RunPaths, run_sharded
+
+
+def generate_graded(cfg: DictConfig, model, tok, problems, *, n: int, temperature: float, top_p: float,
+                    max_new_tokens: int, seed: int, desc: str, stats: GenerationStats) -> list[dict]:
+    """One record per problem: the prompt (text and ids) and its n graded completions."""
+    prompts = [context.prompt_of(cfg, tok, p.question) for p in problems]
+    outs = generate(model, tok, prompts, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                    stop=context.stops(cfg), seed=seed, batch_size=cfg.generation.batch_size, desc=desc,
+                    stats=stats, add_special_tokens=cfg.data.prompt_style != "chat")
+    records = []
+    for problem, prompt, completions in zip(problems, prompts, outs):
+        samples = []
+        for c in completions:
+            g = grade(c.text, list(problem.answers))
+            samples.append({"response": c.text, "response_ids": c.token_ids, "finish_reason": c.finish_reason,
+                            "extracted": g.predicted, "correct": g.correct})
+        records.append({"id": problem.id, "question": problem.question, "answers": list(problem.answers),
+                        "prompt": prompt, "prompt_ids": context.prompt_ids(cfg, tok, prompt), "samples": samples})
+    return records
+
+
+def run(cfg: DictConfig, paths: RunPaths) -> dict:
+    problems = context.problems(cfg, cfg.data.train_split, cfg.data.train_limit)
+    tok = context.tokenizer(cfg)
+    model = context.base_model(cfg)
+    stats = GenerationStats()
+    s = cfg.sample
+    reused = []
+
+    def work(shard):
+        offset = problems.index(shard[0])
+        return generate_graded(cfg, model, tok, shard, n=s.n, temperature=s.temperature, top_p=s.top_p,
+                               max_new_tokens=s.max_new_tokens, seed=cfg.seed * 7919 + offset,
+                               desc=f"sample {offset + len(shard)}/{len(problems)}", stats=stats)
+
+    records = run_sharded(problems, s.shard_size, paths.shards("sample"), work, paths.trajectories,
+                          on_skip=reused.append)
+    n_samples = sum(len(r["samples"]) for r in records)
+    n_correct = sum(x["correct"] for r in records for x in r["samples"])
+    return {"questions": len(records), "samples": n_samples, "correct": n_correct,
+            "accuracy": n_correct / max(n_samples, 1), "questions_resumed": sum(reused),
+            "new_tokens": stats.new_tokens, "generate_seconds": round(stats.seconds, 1),
+            "tokens_per_s": round(stats.tokens_per_s, 1)}

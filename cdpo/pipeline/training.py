@@ -1,0 +1,111 @@
+"""Stages `sft_pos`, `sft_neg` (the CE models) and `align` (the preference-optimised policy)."""
+from __future__ import annotations
+
+import time
+
+import torch
+from omegaconf import DictConfig
+
+from cdpo.io import write_jsonl
+from cdpo.logprobs import response_logps
+from cdpo.models import add_lora, model_summary, save_adapter
+from cdpo.modules import PairsDataModule, PreferenceModule, SequencesDataModule, SFTModule
+from cdpo.pipeline import context
+from cdpo.pipeline.artifacts import RunPaths, chunks, load
+
+REF_METHODS = ("dpo", "rpo", "cdpo")  # methods that need only reference log-probs
+
+
+def _lora(peft_cfg: DictConfig) -> dict:
+    if not peft_cfg.r:
+        raise ValueError("peft=none: this pipeline trains LoRA adapters (the reference is the adapter-disabled base)")
+    return dict(r=peft_cfg.r, alpha=peft_cfg.alpha, dropout=peft_cfg.dropout, target_modules=list(peft_cfg.target_modules))
+
+
+def _data_kw(cfg: DictConfig, tok, batch_size: int) -> dict:
+    return dict(pad_id=tok.pad_token_id, batch_size=batch_size, seed=cfg.seed, max_length=cfg.data.max_length,
+                max_prompt_length=cfg.data.max_prompt_length)
+
+
+def _fit(cfg, name, module, datamodule, *, epochs, grad_accum=1) -> dict:
+    trainer = context.make_trainer(cfg, name, epochs=epochs, grad_accum=grad_accum)
+    t0 = time.perf_counter()
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    finally:
+        context.finish_logger(trainer.logger)
+    metrics = {k: round(float(v), 5) for k, v in trainer.callback_metrics.items()}
+    if datamodule.truncation.truncated:
+        print(f"[{name}] {datamodule.truncation.truncated}/{datamodule.truncation.seen} sequences truncated to "
+              f"max_length={cfg.data.max_length} (prompt <= {cfg.data.max_prompt_length})")
+    return {"steps": trainer.global_step, "seconds": round(time.perf_counter() - t0, 1), "final": metrics,
+            "truncated": datamodule.truncation.truncated, "records": len(datamodule.records)}
+
+
+def train_sft(cfg: DictConfig, paths: RunPaths, *, which: str) -> dict:
+    """Fit the positive (which='pos') or negative (which='neg') CE model."""
+    records = load(paths.positives if which == "pos" else paths.negatives)
+    tok = context.tokenizer(cfg)
+    model = add_lora(context.base_model(cfg, for_training=True), which, **_lora(cfg.ce_lora))
+    ce = cfg.ce
+    module = SFTModule(model, lr=ce.lr, weight_decay=ce.weight_decay, warmup_ratio=ce.warmup_ratio,
+                       loss_impl=cfg.loss_impl)
+    summary = _fit(cfg, f"sft_{which}", module, SequencesDataModule(records, **_data_kw(cfg, tok, ce.batch_size)),
+                   epochs=ce.epochs)
+    save_adapter(model, which, paths.pos_adapter if which == "pos" else paths.neg_adapter)
+    return {**summary, **model_summary(model)}
+
+
+@torch.no_grad()
+def reference_logps(cfg: DictConfig, paths: RunPaths, pairs: list[dict], tok) -> list[dict]:
+    """Reference (base model) token log-probs of every pair, computed once and cached in the run dir."""
+    if paths.ref_logps.exists():
+        cached = load(paths.ref_logps)
+        if [c["key"] for c in cached] == [_key(p) for p in pairs]:
+            return cached
+    model = context.base_model(cfg)
+    dm = PairsDataModule(pairs, shuffle=False, **_data_kw(cfg, tok, cfg.ce.batch_size))
+    out = []
+    for batch_pairs in chunks(pairs, cfg.ce.batch_size):
+        batch = dm._collate(batch_pairs)
+        row = {}
+        for side in ("chosen", "rejected"):
+            b = {k: v.to(context.device_for(cfg)) for k, v in batch[side].items()}
+            logps = response_logps(model, b, impl=cfg.loss_impl)
+            row[side] = [lp[m].tolist() for lp, m in zip(logps.cpu(), b["mask"].cpu())]
+        out += [{"key": _key(p), "ref_chosen": c, "ref_rejected": r}
+                for p, c, r in zip(batch_pairs, row["chosen"], row["rejected"])]
+    write_jsonl(paths.ref_logps, out)
+    return out
+
+
+def _key(pair: dict) -> str:
+    return f"{pair['id']}#{pair.get('pair', 0)}"
+
+
+def train_align(cfg: DictConfig, paths: RunPaths) -> dict:
+    method = cfg.method
+    tok = context.tokenizer(cfg)
+    a = cfg.align
+    policy = add_lora(context.base_model(cfg, for_training=True), "policy", **_lora(cfg.peft))
+    kw = _data_kw(cfg, tok, a.batch_size)
+    if method.loss == "sft":
+        module = SFTModule(policy, lr=a.lr, weight_decay=a.weight_decay, warmup_ratio=a.warmup_ratio,
+                           loss_impl=cfg.loss_impl)
+        dm = SequencesDataModule(load(paths.positives), **kw)
+    else:
+        pairs = load(paths.scored_pairs if method.loss == "cdpo" else paths.pairs)
+        with_ref = bool(a.precompute_ref) and method.loss in REF_METHODS
+        if with_ref:
+            for pair, ref in zip(pairs, reference_logps(cfg, paths, pairs, tok)):
+                pair.update(ref_chosen=ref["ref_chosen"], ref_rejected=ref["ref_rejected"])
+        module = PreferenceModule(
+            policy, method=method.loss, beta=method.beta, label_smoothing=method.get("label_smoothing", 0.0),
+            rpo_alpha=method.get("alpha", 1.0) if method.loss == "rpo" else 1.0,
+            tdpo_alpha=method.get("alpha", 0.5) if method.loss == "tokendpo" else 0.5,
+            tdpo_variant=method.get("variant", 2), chosen_weighting=method.get("chosen_weighting", "only_neg"),
+            lr=a.lr, weight_decay=a.weight_decay, warmup_ratio=a.warmup_ratio, loss_impl=cfg.loss_impl)
+        dm = PairsDataModule(pairs, with_weights=method.loss == "cdpo", with_ref=with_ref, **kw)
+    summary = _fit(cfg, f"align_{method.name}_seed{cfg.seed}", module, dm, epochs=a.epochs, grad_accum=a.grad_accum)
+    save_adapter(policy, "policy", paths.aligned_adapter)
+    return {**summary, **model_summary(policy)}
