@@ -3,8 +3,12 @@
     python eval.py predictions=preds.jsonl [output=preds.graded.jsonl]
 
 grades an existing predictions file (no model is loaded, nothing heavy is imported on this path),
-writes the graded JSONL and a summary JSON beside it, and prints the accuracy. Model-based
-evaluation (generate, then grade) is `python train.py stage=eval`.
+writes the graded JSONL and a summary JSON beside it, and prints the accuracy.
+
+    python eval.py model=smollm2_135m data=arith [adapter=<dir>] [eval.n=8 eval.temperature=0.7 eval.pass_k=[1,4,8]]
+
+generates on the test split (greedy by default, or n samples with pass@k), grades, and writes a
+results JSON (accuracy, pass@k, counts, the config) with the graded predictions beside it.
 """
 from __future__ import annotations
 
@@ -48,15 +52,37 @@ def grade_predictions(cfg: DictConfig) -> dict:
     return summary
 
 
+def evaluate_model(cfg: DictConfig) -> dict:
+    from cdpo.models import load_adapter
+    from cdpo.pipeline import context
+    from cdpo.pipeline.evaluate import evaluate_model as run_eval
+
+    label = Path(str(cfg.adapter)).name if cfg.adapter else "base"
+    results = Path(to_absolute_path(str(cfg.results or f"outputs/eval/{cfg.model.name}-{cfg.data.name}-{label}.json")))
+    model = context.base_model(cfg)
+    if cfg.adapter:
+        model = load_adapter(model, to_absolute_path(str(cfg.adapter)), "eval")
+    out = run_eval(cfg, model, context.tokenizer(cfg), results.with_suffix(".jsonl"), label)
+    passk = ", ".join(f"pass@{k} {100 * v:.1f}%" for k, v in out["pass_at_k"].items())
+    print(f"{label}: accuracy {100 * out['accuracy']:.1f}% ({out['correct']}/{out['questions']}); {passk}; "
+          f"{out['no_answer']} without an answer -> {results}")
+    return out
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     from cdpo.io import DataError
 
-    if not cfg.get("predictions"):
-        raise SystemExit("eval.py: give predictions=<file.jsonl> to grade a predictions file; "
-                         "model-based evaluation comes with the pipeline: python train.py stage=eval")
     try:
-        grade_predictions(cfg)
+        if cfg.get("predictions"):
+            grade_predictions(cfg)
+        else:
+            from cdpo.errors import USER_ERRORS
+
+            try:
+                evaluate_model(cfg)
+            except USER_ERRORS as e:
+                raise SystemExit(f"eval.py: error: {e}") from None
     except (FileNotFoundError, DataError) as e:
         # Bad input is the user's to fix: one clear line (file and line), not a traceback.
         raise SystemExit(f"eval.py: error: {e}") from None

@@ -198,7 +198,13 @@ def test_arith_knobs_change_difficulty():
 
 
 def test_load_problems_arith_defaults_and_overrides():
-    assert (arith_mod.DEFAULT_STEPS, arith_mod.DEFAULT_OPERAND_MAX) == (2, 20)
+    # the library defaults are the embedded pipeline's (conf/data/arith.yaml)
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    task = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "data" / "arith.yaml").task
+    assert (arith_mod.DEFAULT_STEPS, arith_mod.DEFAULT_OPERAND_MAX) == (task.steps, task.operand_max)
     test = load_problems("arith", "test")
     assert len(test) == 200 and test[0].id == "arith-test-00000"
     assert load_problems("arith", "test", limit=7) == test[:7]

@@ -21,8 +21,8 @@ from typing import Callable
 from .records import Problem
 
 # Difficulty knobs: tune these so that the default small model gets 20-60 % right.
-DEFAULT_STEPS = 2
-DEFAULT_OPERAND_MAX = 20
+DEFAULT_STEPS = 1
+DEFAULT_OPERAND_MAX = 5
 DEFAULT_SIZES = {"train": 1000, "test": 200}
 SPLITS = ("train", "test")
 
@@ -153,3 +153,9 @@ def generate_arith(n: int, *, seed: int = 0, steps: int = DEFAULT_STEPS, operand
         problems.append(Problem(id=f"arith-{split}-{len(problems):05d}", question=question,
                                 answers=(str(answer),), solution=solution))
     return problems
+
+
+def arith_exemplars(k: int, *, steps: int = DEFAULT_STEPS, operand_max: int = DEFAULT_OPERAND_MAX,
+                    seed: int = 10_007) -> list[tuple[str, str]]:
+    """k (question, worked solution) pairs for few-shot prompts, from a seed of their own."""
+    return [(p.question, p.solution) for p in generate_arith(k, seed=seed, steps=steps, operand_max=operand_max)]

@@ -5,6 +5,8 @@ chat template around the question plus an instruction to end with "The answer is
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 CHAT_INSTRUCTION = "Solve step by step and finish with 'The answer is N.' where N is the final answer."
 
 # Completion styles are format strings; "chat" holds the user message (the template is the tokenizer's).
@@ -53,14 +55,20 @@ def _check_style(style: str) -> None:
         raise ValueError(f"unknown prompt style {style!r}; known styles: {', '.join(PROMPT_STYLES)}")
 
 
-def build_prompt(question: str, style: str = "gsm8k", *, n_shot: int = 0, tokenizer=None) -> str:
-    """The text the model continues; n_shot exemplars (gsm8k and chat styles) come first."""
+def build_prompt(question: str, style: str = "gsm8k", *, n_shot: int = 0, tokenizer=None,
+                 exemplars: Sequence[tuple[str, str]] | None = None) -> str:
+    """The text the model continues; n_shot exemplars (gsm8k and chat styles) come first.
+
+    `exemplars` replaces the GSM8K ones with other (question, worked answer) pairs, e.g. the
+    arith task's own (`cdpo.data.arith.arith_exemplars`).
+    """
     _check_style(style)
-    if not 0 <= n_shot <= len(GSM8K_EXEMPLARS):
-        raise ValueError(f"n_shot must be between 0 and {len(GSM8K_EXEMPLARS)}, got {n_shot}")
-    if style == "math" and n_shot:
-        raise ValueError("the math prompt style has no exemplars; use n_shot=0")
-    shots = GSM8K_EXEMPLARS[:n_shot]
+    pool = GSM8K_EXEMPLARS if exemplars is None else list(exemplars)
+    if not 0 <= n_shot <= len(pool):
+        raise ValueError(f"n_shot must be between 0 and {len(pool)}, got {n_shot}")
+    if style == "math" and n_shot and exemplars is None:
+        raise ValueError("the math prompt style has no built-in exemplars; use n_shot=0 or pass exemplars")
+    shots = pool[:n_shot]
     if style == "chat":
         if tokenizer is None:
             raise ValueError("prompt style 'chat' needs a tokenizer (its chat template builds the prompt)")

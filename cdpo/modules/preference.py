@@ -90,6 +90,9 @@ class PreferenceModule(L.LightningModule):
         self.log_dict(metrics, batch_size=n)
         return loss
 
+    def on_fit_start(self):
+        self.model.train()  # loaded models are in eval mode; LoRA dropout must be active in training
+
     def configure_optimizers(self):
         return adamw_cosine(self.model, lr=self.lr, weight_decay=self.weight_decay,
                             warmup_ratio=self.warmup_ratio, total_steps=self.trainer.estimated_stepping_batches)

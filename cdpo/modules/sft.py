@@ -22,6 +22,9 @@ class SFTModule(L.LightningModule):
         self.log_dict({k: v for k, v in metrics.items()}, batch_size=batch["input_ids"].shape[0])
         return loss
 
+    def on_fit_start(self):
+        self.model.train()  # loaded models are in eval mode; LoRA dropout must be active in training
+
     def configure_optimizers(self):
         return adamw_cosine(self.model, lr=self.lr, weight_decay=self.weight_decay,
                             warmup_ratio=self.warmup_ratio, total_steps=self.trainer.estimated_stepping_batches)

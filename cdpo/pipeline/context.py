@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cdpo.data import build_prompt, load_problems, stop_strings
+from cdpo.data import arith_exemplars, build_prompt, load_problems, stop_strings
 from cdpo.models import load_model, load_tokenizer, tiny_llama_like_embedded
 
 TINY = "tiny:llama"
@@ -38,11 +38,16 @@ def problems(cfg: DictConfig, split: str, limit) -> list:
     source = d.source
     if split == d.train_split and d.get("train_source"):
         source = d.train_source
-    return load_problems(source, split, limit=limit)
+    task = dict(d.get("task") or {}) if source == "arith" else {}
+    return load_problems(source, split, limit=limit, **task)
 
 
 def prompt_of(cfg: DictConfig, tok, question: str) -> str:
-    return build_prompt(question, cfg.data.prompt_style, n_shot=cfg.data.n_shot, tokenizer=tok)
+    d = cfg.data
+    exemplars = None
+    if d.get("exemplars") == "arith":  # the task's own worked examples instead of GSM8K's
+        exemplars = arith_exemplars(d.n_shot, **dict(d.get("task") or {}))
+    return build_prompt(question, d.prompt_style, n_shot=d.n_shot, tokenizer=tok, exemplars=exemplars)
 
 
 def prompt_ids(cfg: DictConfig, tok, prompt: str) -> list[int]:
@@ -51,7 +56,7 @@ def prompt_ids(cfg: DictConfig, tok, prompt: str) -> list[int]:
 
 
 def stops(cfg: DictConfig) -> list[str]:
-    return stop_strings(cfg.data.prompt_style)
+    return list(cfg.data.stop) if cfg.data.get("stop") else stop_strings(cfg.data.prompt_style)
 
 
 def make_logger(cfg: DictConfig, name: str):

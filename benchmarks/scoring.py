@@ -1,0 +1,126 @@
+"""Contrastive scoring throughput and peak memory: ours vs the paper's approach.
+
+    python benchmarks/scoring.py [--pairs 16] [--batch-size 16]
+
+paper's approach: two full models (positive and negative, adapters merged into two copies of the
+    base), one sequence at a time, full-vocabulary logits of both, softmax((1+b) z_pos - b z_neg).
+ours: one base model carrying both LoRA adapters, batches of sequences, and the combined hidden
+    state (1+b) h_pos - b h_neg through the output head once, in row chunks (`ContrastiveScorer`).
+Same model (embedded SmolLM2-135M), same sequences (arith prompts + sampled-length responses), same
+CPU; each mode runs in a fresh process so its peak RSS is its own. Target: ours >= 10x tokens/s,
+lower peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from _common import default_cfg, peak_rss_mib, run_worker
+
+
+def _sequences(cfg, tok, n: int) -> list[dict]:
+    from cdpo.pipeline import context
+
+    problems = context.problems(cfg, "train", n)
+    seqs = []
+    for p in problems:
+        prompt = context.prompt_of(cfg, tok, p.question)
+        for response in (p.solution, p.solution.replace("The answer is", "So the answer is maybe")):
+            seqs.append({"prompt_ids": context.prompt_ids(cfg, tok, prompt),
+                         "response_ids": tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]})
+    return seqs
+
+
+def _adapted(cfg, seed: int):
+    """Base model + 'pos' and 'neg' LoRA adapters with non-zero (random) weights, like trained CE models."""
+    from cdpo.models import add_lora
+    from cdpo.pipeline import context
+
+    lora = dict(r=cfg.ce_lora.r, alpha=cfg.ce_lora.alpha, dropout=0.0, target_modules=list(cfg.ce_lora.target_modules))
+    model = add_lora(add_lora(context.base_model(cfg), "pos", **lora), "neg", **lora)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return model.eval()
+
+
+def worker(mode: str, n_pairs: int, batch_size: int) -> dict:
+    from cdpo.data.collate import collate_sequences
+    from cdpo.models import use_adapter
+    from cdpo.modules import ContrastiveScorer, SequencesDataModule
+    from cdpo.pipeline import context
+
+    cfg = default_cfg()
+    tok = context.tokenizer(cfg)
+    seqs = _sequences(cfg, tok, n_pairs)
+    model = _adapted(cfg, seed=0)
+    n_tokens = sum(len(s["response_ids"]) for s in seqs)
+    b = cfg.ce.b
+    if mode == "paper":
+        import copy
+
+        pos = copy.deepcopy(model)
+        use_adapter(pos, "pos")
+        pos = pos.merge_and_unload()
+        use_adapter(model, "neg")
+        neg = model.merge_and_unload()
+        del model
+        probs = []
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for s in seqs:
+                ids = torch.tensor([s["prompt_ids"] + s["response_ids"]])
+                z_pos, z_neg = pos(ids).logits.float(), neg(ids).logits.float()
+                p = torch.softmax((1 + b) * z_pos - b * z_neg, dim=-1)  # full vocabulary
+                start = len(s["prompt_ids"]) - 1
+                targets = ids[0, start + 1:]
+                probs.append(p[0, start:-1].gather(-1, targets[:, None])[:, 0])
+        seconds = time.perf_counter() - t0
+    else:
+        scorer = ContrastiveScorer(model, b=b)
+        dm = SequencesDataModule(seqs, pad_id=tok.pad_token_id, batch_size=batch_size, shuffle=False,
+                                 max_length=4096, max_prompt_length=4096)
+        probs = []
+        t0 = time.perf_counter()
+        for i in range(0, len(seqs), batch_size):
+            batch = collate_sequences(seqs[i:i + batch_size], pad_id=tok.pad_token_id, max_length=4096,
+                                      max_prompt_length=4096)
+            probs += [torch.tensor(r["p_ce"]) for r in scorer.predict_step(batch, 0)]
+        seconds = time.perf_counter() - t0
+        del dm
+    checksum = float(torch.cat(probs).double().sum())
+    return {"mode": mode, "seconds": seconds, "tokens": n_tokens, "sequences": len(seqs),
+            "peak_rss_mib": peak_rss_mib(), "checksum": checksum}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--pairs", type=int, default=16)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--worker", nargs=3)
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), int(args.worker[2]))))
+        return
+    rows = [run_worker(__file__, mode, args.pairs, args.batch_size) for mode in ("paper", "ours")]
+    print(f"contrastive scoring, embedded SmolLM2-135M, {rows[0]['sequences']} sequences "
+          f"({rows[0]['tokens']} response tokens), {torch.get_num_threads()} threads")
+    print(f"{'mode':<44} {'seconds':>8} {'tokens/s':>9} {'peak RSS MiB':>13}")
+    labels = {"paper": "paper: 2 full models, 1 seq, full softmax",
+              "ours": f"ours: 1 base + 2 adapters, batch {args.batch_size}, chunked"}
+    for r in rows:
+        print(f"{labels[r['mode']]:<44} {r['seconds']:8.2f} {r['tokens'] / r['seconds']:9.1f} {r['peak_rss_mib']:13.0f}")
+    paper, ours = rows
+    print(f"throughput ratio ours/paper: {paper['seconds'] / ours['seconds']:.1f}x (target >= 10x); "
+          f"peak memory ours/paper: {ours['peak_rss_mib'] / paper['peak_rss_mib']:.2f}; "
+          f"sum of p_ce paper {paper['checksum']:.4f} vs ours {ours['checksum']:.4f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Every config group option and every experiment preset composes, without loading any model."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir()}
+REQUIRED = {
+    "model": {"smollm2_135m", "llama3_8b", "llama3_70b", "deepseek_math_7b", "tiny"},
+    "data": {"gsm8k", "math500", "arith"},
+    "method": {"sft", "dpo", "tokendpo", "rpo", "cdpo"},
+    "peft": {"ce_lora", "cdpo_lora", "none", "qlora"},
+    "trainer": {"cpu", "gpu"},
+    "logger": {"wandb", "csv", "none"},
+}
+
+
+def _compose(overrides=()):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    OmegaConf.resolve(cfg)  # every interpolation must resolve
+    return cfg
+
+
+def test_required_options_exist():
+    for group, names in REQUIRED.items():
+        assert names <= set(GROUPS[group]), (group, names - set(GROUPS[group]))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() if g != "experiment" for o in opts])
+def test_every_group_option_composes(group, option):
+    cfg = _compose([f"{group}={option}"] if group != "peft" else [f"peft={option}", f"peft@ce_lora={option}"])
+    assert cfg.stage == "all"
+
+
+@pytest.mark.parametrize("preset", GROUPS["experiment"])
+def test_every_experiment_preset_composes(preset):
+    cfg = _compose([f"+experiment={preset}"])
+    assert cfg.model.name and cfg.data.name and cfg.method.name
+
+
+def test_default_is_the_embedded_pipeline():
+    cfg = _compose()
+    assert (cfg.model.path, cfg.data.source, cfg.method.loss, cfg.trainer.accelerator) == (
+        "embedded:smollm2-135m-instruct", "arith", "cdpo", "cpu")
+
+
+def test_paper_settings_in_llama3_8b_cdpo():
+    cfg = _compose(["+experiment=llama3_8b_cdpo"])
+    assert cfg.model.path == "meta-llama/Meta-Llama-3-8B" and cfg.data.name == "gsm8k"
+    assert (cfg.sample.n, cfg.sample.temperature) == (64, 0.5)
+    assert (cfg.select.top_k, cfg.select.top_p) == (1, 0.5)
+    assert (cfg.ce_lora.r, cfg.ce_lora.alpha, cfg.ce_lora.dropout) == (8, 16, 0.1)
+    assert set(cfg.ce_lora.target_modules) == {"gate_proj", "up_proj", "down_proj"}
+    assert (cfg.ce.lr, cfg.ce.epochs, cfg.ce.b) == (3e-4, 1, 1.0)
+    assert (cfg.peft.r, cfg.peft.alpha, cfg.peft.dropout, len(cfg.peft.target_modules)) == (16, 32, 0.0, 7)
+    assert (cfg.method.beta, cfg.method.chosen_weighting) == (0.1, "only_neg")
+    a = cfg.align
+    assert (a.lr, a.epochs, a.batch_size, a.grad_accum, a.warmup_ratio, a.weight_decay) == (4e-5, 3, 2, 4, 0.1, 0.01)
+    assert (cfg.data.max_length, cfg.data.max_prompt_length) == (1500, 512)
+
+
+def test_70b_uses_qlora_and_temperatures_follow_the_paper():
+    assert _compose(["+experiment=llama3_70b_cdpo"]).peft.quantization == "nf4"
+    temps = {p: _compose([f"+experiment={p}_cdpo"]).sample.temperature
+             for p in ("llama3_8b", "llama3_70b", "deepseek_math_7b")}
+    assert temps == {"llama3_8b": 0.5, "llama3_70b": 0.85, "deepseek_math_7b": 1.0}
+
+
+def test_method_dir_separates_methods_and_seeds():
+    a, b = _compose(["method=dpo", "seed=1"]), _compose(["method=cdpo", "seed=1"])
+    assert a.run_dir == b.run_dir and a.method_dir != b.method_dir
