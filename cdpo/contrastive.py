@@ -96,14 +96,16 @@ def contrastive_token_probs_from_hidden(
         w_neg = weight_neg.float()
         b_neg = bias_neg.float() if bias_neg is not None else None
     out = torch.empty(rows.numel(), dtype=torch.float32, device=h_pos.device)
-    for s in range(0, rows.numel(), chunk_size):
-        r = rows[s : s + chunk_size]
-        hp, hn = hp_flat.index_select(0, r).float(), hn_flat.index_select(0, r).float()
-        if shared:
-            z = F.linear(hp if b == 0 else (1.0 + b) * hp - b * hn, w_pos, b_comb)
-        else:
-            z = _combine(F.linear(hp, w_pos, b_pos), F.linear(hn, w_neg, b_neg), b)
-        out[s : s + chunk_size] = _prob_of_target(z, targets[s : s + chunk_size])
+    # fp32 logits even when called inside a bf16 autocast region (Lightning's bf16-mixed predict)
+    with torch.autocast(device_type=h_pos.device.type, enabled=False):
+        for s in range(0, rows.numel(), chunk_size):
+            r = rows[s : s + chunk_size]
+            hp, hn = hp_flat.index_select(0, r).float(), hn_flat.index_select(0, r).float()
+            if shared:
+                z = F.linear(hp if b == 0 else (1.0 + b) * hp - b * hn, w_pos, b_comb)
+            else:
+                z = _combine(F.linear(hp, w_pos, b_pos), F.linear(hn, w_neg, b_neg), b)
+            out[s : s + chunk_size] = _prob_of_target(z, targets[s : s + chunk_size])
     return _scatter_rows(out, rows, (B, T))
 
 

@@ -6,6 +6,8 @@ from `cdpo_kernels` when `impl="fused"`). Every training and scoring path goes t
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from cdpo.losses import token_logprobs_from_hidden
@@ -25,6 +27,38 @@ def hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) 
     decoder, _ = backbone_and_head(model)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return out.last_hidden_state
+
+
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    """Tokens shared by the start of every sequence (few-shot exemplars, a system prompt)."""
+    if not sequences:
+        return 0
+    first, n = sequences[0], min(len(s) for s in sequences)
+    for i in range(n):
+        if any(s[i] != first[i] for s in sequences):
+            return i
+    return n
+
+
+@torch.no_grad()
+def prefix_cache(model, prefix_ids: list[int]):
+    """KV cache of a prefix shared by many sequences, computed once (per adapter)."""
+    decoder, _ = backbone_and_head(model)
+    ids = torch.tensor([prefix_ids], device=next(model.parameters()).device)
+    return decoder(input_ids=ids, use_cache=True).past_key_values
+
+
+def hidden_states_after_prefix(model, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden state [B, S, H] of right-padded suffixes that continue the cached prefix."""
+    decoder, _ = backbone_and_head(model)
+    batch, prefix_len = input_ids.shape[0], cache.get_seq_length()
+    cache = copy.deepcopy(cache)  # the forward appends to it
+    cache.batch_repeat_interleave(batch)
+    mask = torch.cat([attention_mask.new_ones(batch, prefix_len), attention_mask], dim=1)
+    position_ids = prefix_len + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                  use_cache=True)
     return out.last_hidden_state
 
 

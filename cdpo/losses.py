@@ -127,7 +127,10 @@ def token_logprobs(
 
 
 def _head_logprob_chunk(h, weight, bias, targets):
-    logits = F.linear(h, weight, bias)
+    # fp32 logits even inside a bf16 autocast region (Lightning's bf16-mixed): the reference
+    # log-probs, computed outside autocast, must use the same numerics as the policy's
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        logits = F.linear(h.float(), weight.float(), None if bias is None else bias.float())
     return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 

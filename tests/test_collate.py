@@ -16,14 +16,6 @@ from cdpo.logprobs import response_logps  # noqa: E402
 from cdpo.models import tiny_llama  # noqa: E402
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread. With two threads on a busy 2-core machine every op pays
-    thread-sync overhead (measured ~13 ms per matmul, 10x slower tests)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 PAD = 0
 

@@ -82,6 +82,7 @@ def test_missing_file_and_no_predictions(tmp_path):
     proc = run_eval(tmp_path, "predictions=nope.jsonl")
     assert proc.returncode != 0 and f"{tmp_path / 'nope.jsonl'}: no such file" in proc.stderr
 
-    proc = run_eval(tmp_path)
-    assert proc.returncode != 0
-    assert "predictions=" in proc.stderr and "stage=eval" in proc.stderr
+    # without predictions= eval.py evaluates a model: a missing model directory is one clear line
+    proc = run_eval(tmp_path, "model.path=./no-such-model")
+    assert proc.returncode != 0 and "no-such-model does not exist" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -106,6 +106,11 @@ def test_every_stage_on_a_tiny_model(tmp_path, capsys):
     # a second run skips every finished stage and reuses the shared evaluations
     again = run_pipeline(cfg)
     assert again["seconds"].keys() == {"eval"}
+    assert "WARNING" not in capsys.readouterr().out
+    # ... and says so when a finished stage was made with other settings
+    run_pipeline(_cfg(tmp_path, "stage=score", "select.top_p=0.9"))
+    out = capsys.readouterr().out
+    assert "[score] WARNING" in out and "select.top_p: 0.5 -> 0.9" in out
 
 
 def test_other_methods_reuse_shared_artifacts(tmp_path):
@@ -124,22 +129,33 @@ def test_other_methods_reuse_shared_artifacts(tmp_path):
 
 def test_sharded_stage_resumes_without_duplicates(tmp_path):
     items = list(range(10))
-    calls = []
+    calls, interrupt = [], [True]
+    kw = dict(key=str, signature={"sample": {"n": 8}})
 
     def work(shard):
         calls.append(list(shard))
-        if shard[0] == 6 and len(calls) == 4:
-            raise KeyboardInterrupt  # interrupted while working on the fourth shard
-        return [{"x": i} for i in shard]
+        if shard[0] == 6 and interrupt:
+            interrupt.clear()
+            raise KeyboardInterrupt  # interrupted once, while working on the fourth shard
+        return [{"key": str(i), "x": i} for i in shard]
 
     with pytest.raises(KeyboardInterrupt):
-        run_sharded(items, 2, tmp_path / "shards", work, tmp_path / "out.jsonl")
+        run_sharded(items, 2, tmp_path / "shards", work, tmp_path / "out.jsonl", **kw)
     assert not (tmp_path / "out.jsonl").exists()
-    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [f"shard-0000{i}.jsonl" for i in range(3)]
+    assert sorted(p.name for p in (tmp_path / "shards").glob("shard-*")) == [f"shard-0000{i}.jsonl" for i in range(3)]
     calls.clear()
-    records = run_sharded(items, 2, tmp_path / "shards", work, tmp_path / "out.jsonl")
+    records = run_sharded(items, 2, tmp_path / "shards", work, tmp_path / "out.jsonl", **kw)
     assert calls == [[6, 7], [8, 9]]  # finished shards were not redone
     assert [r["x"] for r in records] == items == [r["x"] for r in read_jsonl(tmp_path / "out.jsonl")]
+
+    # other items in a shard's place (e.g. a different question list): that shard is redone
+    calls.clear()
+    run_sharded([0, 1, 2, 99, 4, 5, 6, 7, 8, 9], 2, tmp_path / "shards", work, tmp_path / "out.jsonl", **kw)
+    assert calls == [[2, 99]]
+    # other settings: every shard is redone
+    calls.clear()
+    run_sharded(items, 2, tmp_path / "shards", work, tmp_path / "out.jsonl", key=str, signature={"sample": {"n": 4}})
+    assert len(calls) == 5
 
 
 def test_selection_rule_top_p():

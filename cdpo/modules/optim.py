@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import lightning as L
 import torch
 
 
@@ -21,3 +22,18 @@ def adamw_cosine(module, *, lr: float, weight_decay: float, warmup_ratio: float,
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class AdapterTrainingModule(L.LightningModule):
+    """Shared by the SFT and preference modules: train mode at fit start, AdamW + cosine schedule."""
+
+    lr: float
+    weight_decay: float
+    warmup_ratio: float
+
+    def on_fit_start(self):
+        self.model.train()  # loaded models are in eval mode; LoRA dropout must be active in training
+
+    def configure_optimizers(self):
+        return adamw_cosine(self.model, lr=self.lr, weight_decay=self.weight_decay,
+                            warmup_ratio=self.warmup_ratio, total_steps=self.trainer.estimated_stepping_batches)

@@ -1,14 +1,13 @@
 """Supervised fine-tuning on response tokens: the positive and negative CE models and the SFT baseline."""
 from __future__ import annotations
 
-import lightning as L
 
 from cdpo.logprobs import response_logps
 from cdpo.losses import sft_loss
-from cdpo.modules.optim import adamw_cosine
+from cdpo.modules.optim import AdapterTrainingModule
 
 
-class SFTModule(L.LightningModule):
+class SFTModule(AdapterTrainingModule):
     def __init__(self, model, *, lr: float = 3e-4, weight_decay: float = 0.0, warmup_ratio: float = 0.0,
                  loss_impl: str = "torch"):
         super().__init__()
@@ -22,9 +21,3 @@ class SFTModule(L.LightningModule):
         self.log_dict({k: v for k, v in metrics.items()}, batch_size=batch["input_ids"].shape[0])
         return loss
 
-    def on_fit_start(self):
-        self.model.train()  # loaded models are in eval mode; LoRA dropout must be active in training
-
-    def configure_optimizers(self):
-        return adamw_cosine(self.model, lr=self.lr, weight_decay=self.weight_decay,
-                            warmup_ratio=self.warmup_ratio, total_steps=self.trainer.estimated_stepping_batches)

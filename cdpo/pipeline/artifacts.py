@@ -7,8 +7,10 @@ most the shard it was in and never duplicates or loses records.
 """
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -47,6 +49,66 @@ class RunPaths:
         return self.method / "adapter"
 
 
+# Config sections each stage depends on; a stage also depends on everything its inputs depended on.
+STAGE_INPUTS = {
+    "sample": ("model", "data", "sample", "generation"),
+    "select": ("select",),
+    "sft_pos": ("ce", "ce_lora"),
+    "sft_neg": ("ce", "ce_lora"),
+    "score": ("ce",),
+    "align": ("method", "peft", "align", "seed", "loss_impl"),
+}
+_ORDER = ("sample", "select", "sft_pos", "sft_neg", "score", "align")
+
+
+def changed_settings(paths: RunPaths, stage: str, cfg: DictConfig) -> list[str]:
+    """Settings that differ between the finished stage's saved config and `cfg` (dotted keys)."""
+    saved_path = paths.marker(stage).parent / f"{stage}.config.yaml"
+    if not saved_path.exists() or stage not in STAGE_INPUTS:
+        return []
+    saved = OmegaConf.to_container(OmegaConf.load(saved_path))
+    now = OmegaConf.to_container(cfg, resolve=True)
+    keys = {k for s in _ORDER[:_ORDER.index(stage) + 1] for k in STAGE_INPUTS[s]}
+    return sorted(d for k in keys for d in _diff(saved.get(k), now.get(k), k))
+
+
+def _diff(a, b, prefix: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in a.keys() | b.keys() for d in _diff(a.get(k), b.get(k), f"{prefix}.{k}")]
+    return [] if a == b else [f"{prefix}: {a!r} -> {b!r}"]
+
+
+def stage_signature(cfg: DictConfig, stage: str) -> dict:
+    """The resolved settings `stage` depends on (its own and its inputs')."""
+    keys = sorted({k for s in _ORDER[:_ORDER.index(stage) + 1] for k in STAGE_INPUTS[s]})
+    now = OmegaConf.to_container(cfg, resolve=True)
+    return {k: now.get(k) for k in keys}
+
+
+# What each stage's artifact feeds (eval always reruns and checks its cached results itself).
+DOWNSTREAM = {
+    "sample": ("select", "sft_pos", "sft_neg", "score", "align"),
+    "select": ("sft_pos", "sft_neg", "score", "align"),
+    "sft_pos": ("score", "align"),
+    "sft_neg": ("score", "align"),
+    "score": ("align",),
+    "align": (),
+}
+
+
+def invalidate_after(paths: RunPaths, stage: str) -> list[str]:
+    """Remove the markers of the stages that consume `stage`'s artifact, which has just been redone.
+    (The aligned adapters of other methods in the same run_dir keep theirs: the runner warns when
+    their inputs' settings changed.)"""
+    removed = []
+    for later in DOWNSTREAM[stage]:
+        marker = paths.marker(later)
+        if marker.exists():
+            marker.unlink()
+            removed.append(later)
+    return removed
+
+
 def is_done(paths: RunPaths, stage: str) -> bool:
     return paths.marker(stage).exists()
 
@@ -59,17 +121,24 @@ def mark_done(paths: RunPaths, stage: str, cfg: DictConfig, summary: dict) -> No
 
 
 def run_sharded(items: Sequence, shard_size: int, shard_dir: Path, work: Callable[[Sequence], list[dict]],
-                out_path: Path, on_skip: Callable[[int], None] | None = None) -> list[dict]:
-    """Apply `work` to consecutive shards of `items`, each written to its own file; shards already on
-    disk (from an interrupted run) are reused. Writes the concatenation to `out_path` and returns it."""
+                out_path: Path, *, key: Callable[[Any], str], signature: dict,
+                on_skip: Callable[[int], None] | None = None) -> list[dict]:
+    """Apply `work` to consecutive shards of `items`, each written to its own file, and write the
+    concatenation to `out_path`. A shard file left by an interrupted run is reused only when it was
+    made with the same `signature` (the settings the stage depends on) and holds the same items
+    (by `key`, which must equal each output record's "key" field); otherwise the shards are redone."""
+    sig_path = shard_dir / "signature.json"
+    if shard_dir.exists() and (not sig_path.exists() or json.loads(sig_path.read_text()) != signature):
+        shutil.rmtree(shard_dir)  # made with other settings: stale
     shard_dir.mkdir(parents=True, exist_ok=True)
+    write_json(sig_path, signature)
     records: list[dict] = []
     for index, start in enumerate(range(0, len(items), shard_size)):
         shard = items[start:start + shard_size]
         path = shard_dir / f"shard-{index:05d}.jsonl"
         if path.exists():
             done = read_jsonl(path)
-            if len(done) == len(shard):
+            if [r.get("key") for r in done] == [key(item) for item in shard]:
                 records.extend(done)
                 if on_skip:
                     on_skip(len(shard))

@@ -1,6 +1,7 @@
 """Stage `eval`: accuracy on the held-out split, greedy (or sampled with n and pass@k), graded."""
 from __future__ import annotations
 
+import json
 from math import comb
 from pathlib import Path
 
@@ -21,7 +22,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 if n - c < k else 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def evaluate_model(cfg: DictConfig, model, tok, out_path: Path, label: str) -> dict:
+def eval_signature(cfg: DictConfig, adapter: Path | None) -> dict:
+    """What an evaluation result depends on; a cached result is reused only when this matches."""
+    c = OmegaConf.to_container(cfg, resolve=True)
+    weights = adapter / "adapter_model.safetensors" if adapter else None
+    return {"model": c["model"], "data": c["data"], "eval": c["eval"], "generation": c["generation"],
+            "adapter": None if weights is None else [str(weights), weights.stat().st_size, weights.stat().st_mtime_ns]}
+
+
+def evaluate_model(cfg: DictConfig, model, tok, out_path: Path, label: str, signature: dict | None = None) -> dict:
     e = cfg.eval
     problems = context.problems(cfg, e.split, e.limit)
     stats = GenerationStats()
@@ -37,6 +46,7 @@ def evaluate_model(cfg: DictConfig, model, tok, out_path: Path, label: str) -> d
         "pass_at_k": {str(k): sum(pass_at_k(e.n, c, k) for c in n_correct) / max(len(records), 1)
                       for k in e.pass_k if k <= e.n},
         "tokens_per_s": round(stats.tokens_per_s, 1),
+        "signature": signature,
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     write_jsonl(out_path, records)
@@ -44,26 +54,24 @@ def evaluate_model(cfg: DictConfig, model, tok, out_path: Path, label: str) -> d
     return results
 
 
-def model_for(cfg: DictConfig, paths: RunPaths, label: str):
-    base = context.base_model(cfg)
-    if label == "base":
-        return base
-    adapter = paths.pos_adapter if label == "sft" else paths.aligned_adapter
-    return load_adapter(base, adapter, label)
+def adapter_for(paths: RunPaths, label: str) -> Path | None:
+    return None if label == "base" else paths.pos_adapter if label == "sft" else paths.aligned_adapter
 
 
 def run(cfg: DictConfig, paths: RunPaths) -> dict:
     tok = context.tokenizer(cfg)
-    labels = [*cfg.compare, cfg.method.name]
     results = {}
-    for label in dict.fromkeys(labels):
+    for label in dict.fromkeys([*cfg.compare, cfg.method.name]):
         key = "aligned" if label == cfg.method.name else label
-        out = paths.eval_file(key)
-        if out.with_suffix(".json").exists():  # shared results (base, sft) are computed once per run dir
-            import json
-
-            results[label] = json.loads(out.with_suffix(".json").read_text())
+        out, adapter = paths.eval_file(key), adapter_for(paths, key)
+        signature = eval_signature(cfg, adapter)
+        cached = out.with_suffix(".json")
+        if cached.exists() and json.loads(cached.read_text()).get("signature") == signature:
+            results[label] = json.loads(cached.read_text())  # base and sft are shared by every method
             continue
-        results[label] = evaluate_model(cfg, model_for(cfg, paths, key), tok, out, label)
+        model = context.base_model(cfg)
+        if adapter is not None:
+            model = load_adapter(model, adapter, key)
+        results[label] = evaluate_model(cfg, model, tok, out, label, signature)
     return {"results": {label: {k: r[k] for k in ("questions", "correct", "accuracy", "no_answer", "pass_at_k")}
                         for label, r in results.items()}}

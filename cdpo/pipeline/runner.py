@@ -9,7 +9,7 @@ import lightning as L
 from omegaconf import DictConfig
 
 from cdpo.pipeline import evaluate, sample, score, select, training
-from cdpo.pipeline.artifacts import RunPaths, is_done, mark_done
+from cdpo.pipeline.artifacts import RunPaths, changed_settings, invalidate_after, is_done, mark_done
 
 STAGES = ("sample", "select", "sft_pos", "sft_neg", "score", "align", "eval")
 
@@ -17,10 +17,10 @@ STAGES = ("sample", "select", "sft_pos", "sft_neg", "score", "align", "eval")
 def _stages_for(cfg: DictConfig) -> list[str]:
     if cfg.stage == "all":
         stages = list(STAGES)
-        if cfg.method.loss != "cdpo":  # only cDPO consumes the CE scores
-            stages.remove("score")
+        if cfg.method.loss != "cdpo":  # only cDPO consumes the CE scores (and the negative model)
+            stages = [s for s in stages if s not in ("score", "sft_neg")]
             if "sft" not in cfg.compare:
-                stages = [s for s in stages if s not in ("sft_pos", "sft_neg")]
+                stages.remove("sft_pos")
         return stages
     if cfg.stage not in STAGES:
         raise ValueError(f"unknown stage {cfg.stage!r}; choose one of {', '.join(STAGES)} or all")
@@ -51,6 +51,11 @@ def run_pipeline(cfg: DictConfig) -> dict:
     for stage in _stages_for(cfg):
         if stage != "eval" and is_done(paths, stage):
             print(f"[{stage}] done already ({paths.marker(stage)}): skipped")
+            changed = changed_settings(paths, stage, cfg)
+            if changed:
+                print(f"[{stage}] WARNING: its artifact was made with other settings ({'; '.join(changed[:5])}"
+                      f"{' ...' if len(changed) > 5 else ''}); delete {paths.marker(stage)} or use another run_dir "
+                      "to redo it")
             summaries[stage] = json.loads(paths.marker(stage).read_text())
             continue
         print(f"[{stage}] running")
@@ -60,6 +65,10 @@ def run_pipeline(cfg: DictConfig) -> dict:
         timings[stage] = round(time.perf_counter() - t0, 1)
         summary = {**summary, "seconds": timings[stage]}
         mark_done(paths, stage, cfg, summary)
+        if stage != "eval":
+            stale = invalidate_after(paths, stage)
+            if stale:
+                print(f"[{stage}] redone: later stages will be redone too ({', '.join(stale)})")
         summaries[stage] = summary
         print(f"[{stage}] finished in {timings[stage]:.0f} s: {_short(summary)}")
     if "eval" in summaries:

@@ -6,7 +6,7 @@ from omegaconf import DictConfig
 from cdpo.generation import GenerationStats, generate
 from cdpo.grading import grade
 from cdpo.pipeline import context
-from cdpo.pipeline.artifacts import RunPaths, run_sharded
+from cdpo.pipeline.artifacts import RunPaths, run_sharded, stage_signature
 
 
 def generate_graded(cfg: DictConfig, model, tok, problems, *, n: int, temperature: float, top_p: float,
@@ -23,7 +23,7 @@ def generate_graded(cfg: DictConfig, model, tok, problems, *, n: int, temperatur
             g = grade(c.text, list(problem.answers))
             samples.append({"response": c.text, "response_ids": c.token_ids, "finish_reason": c.finish_reason,
                             "extracted": g.predicted, "correct": g.correct})
-        records.append({"id": problem.id, "question": problem.question, "answers": list(problem.answers),
+        records.append({"key": problem.id, "id": problem.id, "question": problem.question, "answers": list(problem.answers),
                         "prompt": prompt, "prompt_ids": context.prompt_ids(cfg, tok, prompt), "samples": samples})
     return records
 
@@ -43,7 +43,7 @@ def run(cfg: DictConfig, paths: RunPaths) -> dict:
                                desc=f"sample {offset + len(shard)}/{len(problems)}", stats=stats)
 
     records = run_sharded(problems, s.shard_size, paths.shards("sample"), work, paths.trajectories,
-                          on_skip=reused.append)
+                          key=lambda p: p.id, signature=stage_signature(cfg, "sample"), on_skip=reused.append)
     n_samples = sum(len(r["samples"]) for r in records)
     n_correct = sum(x["correct"] for r in records for x in r["samples"])
     return {"questions": len(records), "samples": n_samples, "correct": n_correct,

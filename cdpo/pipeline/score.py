@@ -8,11 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
+from cdpo.logprobs import common_prefix_length
 from cdpo.models import load_adapter
 from cdpo.modules import ContrastiveScorer, SequencesDataModule
 from cdpo.pipeline import context
-from cdpo.pipeline.artifacts import RunPaths, load, run_sharded
+from cdpo.pipeline.artifacts import RunPaths, load, run_sharded, stage_signature
 
 
 def scorer_for(cfg: DictConfig, pos: str | Path, neg: str | Path) -> ContrastiveScorer:
@@ -32,21 +34,46 @@ def scorer_for(cfg: DictConfig, pos: str | Path, neg: str | Path) -> Contrastive
                              loss_impl=cfg.loss_impl)
 
 
+def pair_key(pair: dict) -> str:
+    return f"{pair['id']}#{pair.get('pair', 0)}"
+
+
+MIN_SHARED_PREFIX = 16  # tokens; below this, encoding the prefix once is not worth a cache copy
+
+
+def shared_prefix(cfg: DictConfig, pairs: list[dict]) -> list[int]:
+    """The prompt tokens every pair starts with (e.g. few-shot exemplars), kept at least one token
+    short of every prompt; empty when truncation would cut into prompts (the prefix would differ)."""
+    d = cfg.data
+    fits = all(len(p["prompt_ids"]) <= d.max_prompt_length
+               and len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) <= d.max_length
+               for p in pairs)
+    prompts = [p["prompt_ids"] for p in pairs]
+    n = min(common_prefix_length(prompts), min(map(len, prompts)) - 1) if fits and prompts else 0
+    return prompts[0][:n] if n >= MIN_SHARED_PREFIX else []
+
+
 def score_pairs(cfg: DictConfig, scorer: ContrastiveScorer, pairs: list[dict], tok) -> list[dict]:
+    prefix = shared_prefix(cfg, pairs) if cfg.ce.get("share_prefix", True) else []
+    scorer.set_prefix(prefix)
     seqs = []
     for p in pairs:
-        seqs.append({"prompt_ids": p["prompt_ids"], "response_ids": p["chosen_ids"]})
-        seqs.append({"prompt_ids": p["prompt_ids"], "response_ids": p["rejected_ids"]})
+        rest = p["prompt_ids"][len(prefix):]
+        seqs.append({"prompt_ids": rest, "response_ids": p["chosen_ids"]})
+        seqs.append({"prompt_ids": rest, "response_ids": p["rejected_ids"]})
     dm = SequencesDataModule(seqs, pad_id=tok.pad_token_id, batch_size=cfg.ce.batch_size, shuffle=False,
                              max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
-    trainer = context.make_trainer(cfg, "score", epochs=1)
-    trainer.logger = None
-    scored = [row for batch in trainer.predict(scorer, datamodule=dm) for row in batch]
+    # The scorer's predict_step over batches on the model's device. (A Trainer.predict per shard
+    # would move the whole model back to the CPU after every shard.)
+    device = next(scorer.model.parameters()).device
+    scored = []
+    for i, batch in enumerate(tqdm(dm.predict_dataloader(), desc=f"score {len(pairs)} pairs", unit="batch")):
+        scored += scorer.predict_step({k: v.to(device) for k, v in batch.items()}, i)
     out = []
     for i, p in enumerate(pairs):
         c, r = scored[2 * i], scored[2 * i + 1]
         low = min(range(len(r["p_ce"])), key=r["p_ce"].__getitem__) if r["p_ce"] else None
-        out.append({**p, "chosen_ids": c["token_ids"], "chosen_p_ce": c["p_ce"],
+        out.append({**p, "key": pair_key(p), "chosen_ids": c["token_ids"], "chosen_p_ce": c["p_ce"],
                     "rejected_ids": r["token_ids"], "rejected_p_ce": r["p_ce"],
                     "critical_index": low,
                     "critical_token": tok.decode([r["token_ids"][low]]) if low is not None else None})
@@ -59,7 +86,7 @@ def run(cfg: DictConfig, paths: RunPaths) -> dict:
     scorer = scorer_for(cfg, paths.pos_adapter, paths.neg_adapter)
     reused = []
     out = run_sharded(pairs, cfg.ce.shard_size, paths.shards("score"), lambda shard: score_pairs(cfg, scorer, shard, tok),
-                      paths.scored_pairs, on_skip=reused.append)
+                      paths.scored_pairs, key=pair_key, signature=stage_signature(cfg, "score"), on_skip=reused.append)
     rej = [x for p in out for x in p["rejected_p_ce"]]
     cho = [x for p in out for x in p["chosen_p_ce"]]
     mean = lambda xs: round(sum(xs) / max(len(xs), 1), 4)  # noqa: E731

@@ -22,11 +22,22 @@ class EmptySelectionError(RuntimeError):
     pass
 
 
+def answer_key(extracted: str | None) -> str:
+    """Grouping key of an extracted answer: numbers by value ("18", "18.0", "18.00" alike)."""
+    if not extracted:
+        return NO_ANSWER
+    try:
+        value = float(extracted.replace(",", ""))
+    except ValueError:
+        return extracted.strip()
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
 def _wrong_groups(wrong: list[dict]) -> list[tuple[str, list[dict]]]:
     """Wrong samples grouped by answer, most frequent first; ties by first appearance, no-answer last."""
-    order = Counter(s["extracted"] or NO_ANSWER for s in wrong)
+    order = Counter(answer_key(s["extracted"]) for s in wrong)
     keys = sorted(order, key=lambda k: (k == NO_ANSWER, -order[k]))
-    return [(k, [s for s in wrong if (s["extracted"] or NO_ANSWER) == k]) for k in keys]
+    return [(k, [s for s in wrong if answer_key(s["extracted"]) == k]) for k in keys]
 
 
 def select_question(record: dict, *, top_k: int, top_p: float, pairs_per_question: int = 1):

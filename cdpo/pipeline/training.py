@@ -1,6 +1,8 @@
 """Stages `sft_pos`, `sft_neg` (the CE models) and `align` (the preference-optimised policy)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 
 import torch
@@ -8,7 +10,7 @@ from omegaconf import DictConfig
 
 from cdpo.io import write_jsonl
 from cdpo.logprobs import response_logps
-from cdpo.models import add_lora, model_summary, save_adapter
+from cdpo.models import add_lora, model_summary, reference_model, save_adapter
 from cdpo.modules import PairsDataModule, PreferenceModule, SequencesDataModule, SFTModule
 from cdpo.pipeline import context
 from cdpo.pipeline.artifacts import RunPaths, chunks, load
@@ -57,30 +59,37 @@ def train_sft(cfg: DictConfig, paths: RunPaths, *, which: str) -> dict:
 
 
 @torch.no_grad()
-def reference_logps(cfg: DictConfig, paths: RunPaths, pairs: list[dict], tok) -> list[dict]:
-    """Reference (base model) token log-probs of every pair, computed once and cached in the run dir."""
-    if paths.ref_logps.exists():
-        cached = load(paths.ref_logps)
-        if [c["key"] for c in cached] == [_key(p) for p in pairs]:
-            return cached
-    model = context.base_model(cfg)
+def reference_logps(cfg: DictConfig, paths: RunPaths, pairs: list[dict], tok, policy) -> list[dict]:
+    """Reference token log-probs of every pair: the policy with its adapter disabled (= the base
+    model, no second copy in memory), computed once and cached in the run dir. A cached entry is
+    used only for the same token ids, truncation and base model."""
+    cached = {c["key"]: c for c in load(paths.ref_logps)} if paths.ref_logps.exists() else {}
+    keys = [_ref_key(cfg, p) for p in pairs]
+    if all(k in cached for k in keys):
+        return [cached[k] for k in keys]
     dm = PairsDataModule(pairs, shuffle=False, **_data_kw(cfg, tok, cfg.ce.batch_size))
+    device = next(policy.parameters()).device
     out = []
-    for batch_pairs in chunks(pairs, cfg.ce.batch_size):
-        batch = dm._collate(batch_pairs)
-        row = {}
-        for side in ("chosen", "rejected"):
-            b = {k: v.to(context.device_for(cfg)) for k, v in batch[side].items()}
-            logps = response_logps(model, b, impl=cfg.loss_impl)
-            row[side] = [lp[m].tolist() for lp, m in zip(logps.cpu(), b["mask"].cpu())]
-        out += [{"key": _key(p), "ref_chosen": c, "ref_rejected": r}
-                for p, c, r in zip(batch_pairs, row["chosen"], row["rejected"])]
-    write_jsonl(paths.ref_logps, out)
+    with reference_model(policy):
+        for batch_pairs in chunks(pairs, cfg.ce.batch_size):
+            batch = dm._collate(batch_pairs)
+            row = {}
+            for side in ("chosen", "rejected"):
+                b = {k: v.to(device) for k, v in batch[side].items()}
+                logps = response_logps(policy, b, impl=cfg.loss_impl)
+                row[side] = [lp[m].tolist() for lp, m in zip(logps.cpu(), b["mask"].cpu())]
+            out += [{"key": _ref_key(cfg, p), "ref_chosen": c, "ref_rejected": r}
+                    for p, c, r in zip(batch_pairs, row["chosen"], row["rejected"])]
+    write_jsonl(paths.ref_logps, [*(v for k, v in cached.items() if k not in set(keys)), *out])
     return out
 
 
-def _key(pair: dict) -> str:
-    return f"{pair['id']}#{pair.get('pair', 0)}"
+def _ref_key(cfg: DictConfig, pair: dict) -> str:
+    """Everything a reference log-prob depends on: the ids, the truncation and the base model."""
+    d, m = cfg.data, cfg.model
+    text = json.dumps([pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"], d.max_length,
+                       d.max_prompt_length, m.path, m.dtype, cfg.loss_impl])
+    return hashlib.sha1(text.encode()).hexdigest()
 
 
 def train_align(cfg: DictConfig, paths: RunPaths) -> dict:
@@ -97,7 +106,7 @@ def train_align(cfg: DictConfig, paths: RunPaths) -> dict:
         pairs = load(paths.scored_pairs if method.loss == "cdpo" else paths.pairs)
         with_ref = bool(a.precompute_ref) and method.loss in REF_METHODS
         if with_ref:
-            for pair, ref in zip(pairs, reference_logps(cfg, paths, pairs, tok)):
+            for pair, ref in zip(pairs, reference_logps(cfg, paths, pairs, tok, policy)):
                 pair.update(ref_chosen=ref["ref_chosen"], ref_rejected=ref["ref_rejected"])
         module = PreferenceModule(
             policy, method=method.loss, beta=method.beta, label_smoothing=method.get("label_smoothing", 0.0),
