@@ -43,6 +43,7 @@ def _adapted(cfg, seed: int):
     from cdpo.pipeline import context
 
     lora = dict(r=cfg.ce_lora.r, alpha=cfg.ce_lora.alpha, dropout=0.0, target_modules=list(cfg.ce_lora.target_modules))
+    torch.manual_seed(seed)  # lora_A is initialised from the global RNG: same adapters in every worker
     model = add_lora(add_lora(context.base_model(cfg), "pos", **lora), "neg", **lora)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

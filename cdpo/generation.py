@@ -5,11 +5,16 @@ later stages train and score on exactly these ids instead of re-tokenising text.
 """
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
+
+from cdpo.logprobs import common_prefix_length, prefix_cache
+
+MIN_SHARED_PREFIX = 16  # tokens; shorter shared prefixes are not worth a cache copy per batch
 
 
 @dataclass
@@ -87,26 +92,35 @@ def generate(
     desc: str = "generate",
     stats: GenerationStats | None = None,
     add_special_tokens: bool = True,
+    share_prefix: bool = True,
 ) -> list[list[Completion]]:
     """Sample `n` completions per prompt (greedy when temperature == 0).
 
-    Prompts are repeated n times and packed into left-padded batches of `batch_size` rows; each
-    batch's seed is derived from `seed` and the batch index, so a resumed run reproduces it.
+    Prompts are repeated n times and packed into batches of `batch_size` rows; each batch's seed is
+    derived from `seed` and the batch index, so a resumed run reproduces it. With `share_prefix`,
+    the tokens every prompt starts with (few-shot exemplars) are encoded once and each batch
+    continues their KV cache; rows are laid out as [prefix | left padding | rest of the prompt].
     """
     stop = list(stop or [])
     if temperature == 0 and n > 1:
         raise ValueError("n > 1 with greedy decoding (temperature=0) gives n identical completions")
-    tokenizer.padding_side = "left"
-    rows = [p for p in prompts for _ in range(n)]
+    ids = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    rows = [row for row in ids for _ in range(n)]
+    prefix: list[int] = []
+    if share_prefix and ids:
+        shared = min(common_prefix_length(ids), min(map(len, ids)) - 1)
+        prefix = ids[0][:shared] if shared >= MIN_SHARED_PREFIX else []
     out: list[Completion] = []
     stats = stats if stats is not None else GenerationStats()
     device = next(model.parameters()).device
+    cache = prefix_cache(model, prefix) if prefix else None
     bar = tqdm(total=len(rows), desc=desc, unit="seq", disable=not progress, dynamic_ncols=True)
     model.eval()
     for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
-        enc = tokenizer(batch, return_tensors="pt", padding=True,
-                        add_special_tokens=add_special_tokens).to(device)
+        batch = [row[len(prefix):] for row in rows[start:start + batch_size]]
+        width = max(map(len, batch))
+        input_ids = torch.tensor([prefix + [tokenizer.pad_token_id] * (width - len(r)) + r for r in batch], device=device)
+        attention = torch.tensor([[1] * len(prefix) + [0] * (width - len(r)) + [1] * len(r) for r in batch], device=device)
         torch.manual_seed(seed * 1_000_003 + start)
         kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
         if temperature > 0:
@@ -115,10 +129,14 @@ def generate(
             kwargs.update(do_sample=False)
         if stop:
             kwargs.update(stop_strings=stop, tokenizer=tokenizer)
+        if cache is not None:
+            batch_cache = copy.deepcopy(cache)  # generate extends it
+            batch_cache.batch_repeat_interleave(len(batch))
+            kwargs.update(cache=batch_cache)
         t0 = time.perf_counter()
-        seqs = model.generate(**enc, **kwargs)
+        seqs = model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
         dt = time.perf_counter() - t0
-        new = seqs[:, enc["input_ids"].shape[1]:].tolist()
+        new = seqs[:, input_ids.shape[1]:].tolist()
         done = [_finish(tokenizer, ids, stop) for ids in new]
         out.extend(done)
         stats.sequences += len(batch)

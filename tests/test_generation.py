@@ -199,3 +199,16 @@ def test_generate_stop_eos_length_through_batches(tok):
     assert stats.new_tokens == len(a.token_ids) + len(b.token_ids) + len(c.token_ids)
     # greedy, with the stop strings handed to HF so that generation halts there
     assert all(k["do_sample"] is False and k["stop_strings"] == [STOP] for k in lm.calls)
+
+
+def test_shared_prefix_cache_gives_the_same_completions(model, tok):
+    """Few-shot prompts share their exemplars: encoding them once must not change any completion."""
+    exemplars = "Question: Tom has 3 apples and buys 2 more. How many?\nAnswer: 3 + 2 = 5. The answer is 5.\n\n"
+    prompts = [exemplars + p for p in PROMPTS]
+    assert len(tok(exemplars)["input_ids"]) >= 16  # long enough to be shared
+    kw = dict(max_new_tokens=6, batch_size=3, progress=False)
+    plain = generate(model, tok, prompts, share_prefix=False, **kw)
+    shared = generate(model, tok, prompts, share_prefix=True, **kw)
+    assert [c[0].token_ids for c in shared] == [c[0].token_ids for c in plain]
+    sampled = [generate(model, tok, prompts, n=2, temperature=1.0, seed=3, share_prefix=s, **kw) for s in (False, True)]
+    assert [[c.token_ids for c in r] for r in sampled[0]] == [[c.token_ids for c in r] for r in sampled[1]]
