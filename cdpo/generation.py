@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from cdpo.logprobs import common_prefix_length, prefix_cache
+from cdpo.logprobs import CACHE_ARG, common_prefix_length, prefix_cache
 
 MIN_SHARED_PREFIX = 16  # tokens; shorter shared prefixes are not worth a cache copy per batch
 
@@ -132,7 +132,7 @@ def generate(
         if cache is not None:
             batch_cache = copy.deepcopy(cache)  # generate extends it
             batch_cache.batch_repeat_interleave(len(batch))
-            kwargs.update(cache=batch_cache)
+            kwargs[CACHE_ARG] = batch_cache
         t0 = time.perf_counter()
         seqs = model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
         dt = time.perf_counter() - t0

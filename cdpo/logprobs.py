@@ -7,12 +7,22 @@ from `cdpo_kernels` when `impl="fused"`). Every training and scoring path goes t
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 
 from cdpo.losses import token_logprobs_from_hidden
 
 IMPLS = ("torch", "fused")
+
+
+def _cache_argument() -> str:
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    return "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
+
+
+CACHE_ARG = _cache_argument()  # the KV-cache keyword of decoder forwards (renamed in transformers 5)
 
 
 def backbone_and_head(model):
@@ -46,7 +56,8 @@ def prefix_cache(model, prefix_ids: list[int]):
     """KV cache of a prefix shared by many sequences, computed once (per adapter)."""
     decoder, _ = backbone_and_head(model)
     ids = torch.tensor([prefix_ids], device=next(model.parameters()).device)
-    return decoder(input_ids=ids, use_cache=True).past_key_values
+    out = decoder(input_ids=ids, use_cache=True)
+    return out["cache"] if "cache" in out else out.past_key_values  # transformers >= 5.2 renamed it
 
 
 def hidden_states_after_prefix(model, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -57,8 +68,8 @@ def hidden_states_after_prefix(model, cache, input_ids: torch.Tensor, attention_
     cache.batch_repeat_interleave(batch)
     mask = torch.cat([attention_mask.new_ones(batch, prefix_len), attention_mask], dim=1)
     position_ids = prefix_len + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                  use_cache=True)
+    out = decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                  **{CACHE_ARG: cache})
     return out.last_hidden_state
 
 
