@@ -5,10 +5,9 @@ import json
 import resource
 import subprocess
 import sys
+from pathlib import Path
 
 from hydra import compose, initialize_config_dir
-
-from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -88,12 +88,11 @@ def worker(mode: str, n_pairs: int, batch_size: int) -> dict:
     else:
         scorer = ContrastiveScorer(model, b=b)
         if mode == "ours+prefix":
-            from cdpo.logprobs import common_prefix_length
+            from cdpo.logprobs import shared_prefix_ids
 
-            prompts = [x["prompt_ids"] for x in seqs]
-            n = min(common_prefix_length(prompts), min(map(len, prompts)) - 1)
-            scorer.set_prefix(prompts[0][:n])
-            seqs = [{"prompt_ids": x["prompt_ids"][n:], "response_ids": x["response_ids"]} for x in seqs]
+            prefix = shared_prefix_ids([x["prompt_ids"] for x in seqs])
+            scorer.set_prefix(prefix)
+            seqs = [{"prompt_ids": x["prompt_ids"][len(prefix):], "response_ids": x["response_ids"]} for x in seqs]
         probs = []
         t0 = time.perf_counter()
         for i in range(0, len(seqs), batch_size):

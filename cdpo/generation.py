@@ -5,16 +5,13 @@ later stages train and score on exactly these ids instead of re-tokenising text.
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from cdpo.logprobs import CACHE_ARG, common_prefix_length, prefix_cache
-
-MIN_SHARED_PREFIX = 16  # tokens; shorter shared prefixes are not worth a cache copy per batch
+from cdpo.logprobs import CACHE_ARG, prefix_cache, repeat_cache, shared_prefix_ids
 
 
 @dataclass
@@ -106,10 +103,7 @@ def generate(
         raise ValueError("n > 1 with greedy decoding (temperature=0) gives n identical completions")
     ids = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
     rows = [row for row in ids for _ in range(n)]
-    prefix: list[int] = []
-    if share_prefix and ids:
-        shared = min(common_prefix_length(ids), min(map(len, ids)) - 1)
-        prefix = ids[0][:shared] if shared >= MIN_SHARED_PREFIX else []
+    prefix = shared_prefix_ids(ids) if share_prefix else []
     out: list[Completion] = []
     stats = stats if stats is not None else GenerationStats()
     device = next(model.parameters()).device
@@ -130,9 +124,7 @@ def generate(
         if stop:
             kwargs.update(stop_strings=stop, tokenizer=tokenizer)
         if cache is not None:
-            batch_cache = copy.deepcopy(cache)  # generate extends it
-            batch_cache.batch_repeat_interleave(len(batch))
-            kwargs[CACHE_ARG] = batch_cache
+            kwargs[CACHE_ARG] = repeat_cache(cache, len(batch))
         t0 = time.perf_counter()
         seqs = model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
         dt = time.perf_counter() - t0

@@ -51,6 +51,25 @@ def common_prefix_length(sequences: list[list[int]]) -> int:
     return n
 
 
+MIN_SHARED_PREFIX = 16  # tokens; shorter shared prefixes are not worth a cache copy per batch
+
+
+def shared_prefix_ids(sequences: list[list[int]], min_length: int = MIN_SHARED_PREFIX) -> list[int]:
+    """The tokens every sequence starts with, kept one short of the shortest sequence (its last token
+    stays in the batch: its output predicts what follows); empty when shorter than `min_length`."""
+    if not sequences:
+        return []
+    n = min(common_prefix_length(sequences), min(map(len, sequences)) - 1)
+    return list(sequences[0][:n]) if n >= min_length else []
+
+
+def repeat_cache(cache, batch: int):
+    """A copy of a batch-1 prefix cache for `batch` rows (forwards extend the cache they are given)."""
+    cache = copy.deepcopy(cache)
+    cache.batch_repeat_interleave(batch)
+    return cache
+
+
 @torch.no_grad()
 def prefix_cache(model, prefix_ids: list[int]):
     """KV cache of a prefix shared by many sequences, computed once (per adapter)."""
@@ -64,8 +83,7 @@ def hidden_states_after_prefix(model, cache, input_ids: torch.Tensor, attention_
     """Last hidden state [B, S, H] of right-padded suffixes that continue the cached prefix."""
     decoder, _ = backbone_and_head(model)
     batch, prefix_len = input_ids.shape[0], cache.get_seq_length()
-    cache = copy.deepcopy(cache)  # the forward appends to it
-    cache.batch_repeat_interleave(batch)
+    cache = repeat_cache(cache, batch)
     mask = torch.cat([attention_mask.new_ones(batch, prefix_len), attention_mask], dim=1)
     position_ids = prefix_len + (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     out = decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,

@@ -14,6 +14,7 @@ Example (steps=2):
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from typing import Callable
@@ -155,7 +156,8 @@ def generate_arith(n: int, *, seed: int = 0, steps: int = DEFAULT_STEPS, operand
     return problems
 
 
+@functools.lru_cache(maxsize=32)  # built once, not once per prompt
 def arith_exemplars(k: int, *, steps: int = DEFAULT_STEPS, operand_max: int = DEFAULT_OPERAND_MAX,
-                    seed: int = 10_007) -> list[tuple[str, str]]:
+                    seed: int = 10_007) -> tuple[tuple[str, str], ...]:
     """k (question, worked solution) pairs for few-shot prompts, from a seed of their own."""
-    return [(p.question, p.solution) for p in generate_arith(k, seed=seed, steps=steps, operand_max=operand_max)]
+    return tuple((p.question, p.solution) for p in generate_arith(k, seed=seed, steps=steps, operand_max=operand_max))

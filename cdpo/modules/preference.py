@@ -84,31 +84,32 @@ class PreferenceModule(AdapterTrainingModule):
                                     kl_chosen=kl_c, kl_rejected=kl_r, alpha=self.tdpo_alpha,
                                     variant=self.tdpo_variant, **common)
         ref_c, ref_r = self._reference_logps(c), self._reference_logps(r)
+        w_c, w_r = self._token_weights(c, r)
         if self.loss_impl == "fused":
-            return self._fused_loss(c, r, ref_c, ref_r)
+            return self._fused_loss(c, r, ref_c, ref_r, w_c, w_r)
         pol_c = response_logps(self.model, c, impl=self.loss_impl)
         pol_r = response_logps(self.model, r, impl=self.loss_impl)
         if self.method == "dpo":
             return losses.dpo_loss(pol_c, pol_r, ref_c, ref_r, label_smoothing=self.label_smoothing, **common)
         if self.method == "rpo":
             return losses.rpo_loss(pol_c, pol_r, ref_c, ref_r, alpha=self.rpo_alpha, **common)
-        if "weights" not in r:
-            raise ValueError("cdpo needs scored pairs (chosen_p_ce / rejected_p_ce): run the score stage first")
-        w_c, w_r = losses.cdpo_weights(r["weights"], c.get("weights"), chosen_weighting=self.chosen_weighting)
         return losses.cdpo_loss(pol_c, pol_r, ref_c, ref_r, weights_rejected=w_r, weights_chosen=w_c, **common)
 
-    def _fused_loss(self, c: dict, r: dict, ref_c: torch.Tensor, ref_r: torch.Tensor):
+    def _token_weights(self, c: dict, r: dict):
+        """(w_chosen, w_rejected) from the scored pairs for cDPO; (None, None) for DPO and RPO."""
+        if self.method != "cdpo":
+            return None, None
+        if "weights" not in r:
+            raise ValueError("cdpo needs scored pairs (chosen_p_ce / rejected_p_ce): run the score stage first")
+        return losses.cdpo_weights(r["weights"], c.get("weights"), chosen_weighting=self.chosen_weighting)
+
+    def _fused_loss(self, c: dict, r: dict, ref_c: torch.Tensor, ref_r: torch.Tensor, w_c, w_r):
         """DPO / RPO / cDPO through the fused kernel: one pass over the head for chosen and rejected rows."""
         from cdpo_kernels import preference_loss
 
         _, head = backbone_and_head(self.model)
         h_c = hidden_states(self.model, c["input_ids"], c["attention_mask"])[:, :-1]
         h_r = hidden_states(self.model, r["input_ids"], r["attention_mask"])[:, :-1]
-        w_c = w_r = None
-        if self.method == "cdpo":
-            if "weights" not in r:
-                raise ValueError("cdpo needs scored pairs (chosen_p_ce / rejected_p_ce): run the score stage first")
-            w_c, w_r = losses.cdpo_weights(r["weights"], c.get("weights"), chosen_weighting=self.chosen_weighting)
         return preference_loss(self.method, h_c, h_r, head.weight, c["targets"], r["targets"], c["mask"], r["mask"],
                                ref_c, ref_r, bias=getattr(head, "bias", None), beta=self.beta,
                                label_smoothing=self.label_smoothing, alpha=self.rpo_alpha,

@@ -1,7 +1,6 @@
 """Supervised fine-tuning on response tokens: the positive and negative CE models and the SFT baseline."""
 from __future__ import annotations
 
-
 from cdpo.logprobs import response_logps
 from cdpo.losses import sft_loss
 from cdpo.modules.optim import AdapterTrainingModule

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -67,9 +67,8 @@ def changed_settings(paths: RunPaths, stage: str, cfg: DictConfig) -> list[str]:
     if not saved_path.exists() or stage not in STAGE_INPUTS:
         return []
     saved = OmegaConf.to_container(OmegaConf.load(saved_path))
-    now = OmegaConf.to_container(cfg, resolve=True)
-    keys = {k for s in _ORDER[:_ORDER.index(stage) + 1] for k in STAGE_INPUTS[s]}
-    return sorted(d for k in keys for d in _diff(saved.get(k), now.get(k), k))
+    now = stage_signature(cfg, stage)
+    return sorted(d for k in now for d in _diff(saved.get(k), now[k], k))
 
 
 def _diff(a, b, prefix: str) -> list[str]:
@@ -152,8 +151,3 @@ def run_sharded(items: Sequence, shard_size: int, shard_dir: Path, work: Callabl
 
 def load(path: Path) -> list[dict]:
     return [r for _, r in iter_jsonl(path)]
-
-
-def chunks(items: Sequence, size: int) -> Iterable[Sequence]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]

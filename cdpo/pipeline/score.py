@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from cdpo.logprobs import common_prefix_length
+from cdpo.logprobs import shared_prefix_ids
 from cdpo.models import load_adapter
 from cdpo.modules import ContrastiveScorer, SequencesDataModule
 from cdpo.pipeline import context
@@ -38,9 +38,6 @@ def pair_key(pair: dict) -> str:
     return f"{pair['id']}#{pair.get('pair', 0)}"
 
 
-MIN_SHARED_PREFIX = 16  # tokens; below this, encoding the prefix once is not worth a cache copy
-
-
 def shared_prefix(cfg: DictConfig, pairs: list[dict]) -> list[int]:
     """The prompt tokens every pair starts with (e.g. few-shot exemplars), kept at least one token
     short of every prompt; empty when truncation would cut into prompts (the prefix would differ)."""
@@ -48,9 +45,7 @@ def shared_prefix(cfg: DictConfig, pairs: list[dict]) -> list[int]:
     fits = all(len(p["prompt_ids"]) <= d.max_prompt_length
                and len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) <= d.max_length
                for p in pairs)
-    prompts = [p["prompt_ids"] for p in pairs]
-    n = min(common_prefix_length(prompts), min(map(len, prompts)) - 1) if fits and prompts else 0
-    return prompts[0][:n] if n >= MIN_SHARED_PREFIX else []
+    return shared_prefix_ids([p["prompt_ids"] for p in pairs]) if fits else []
 
 
 def score_pairs(cfg: DictConfig, scorer: ContrastiveScorer, pairs: list[dict], tok) -> list[dict]:

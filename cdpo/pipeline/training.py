@@ -8,12 +8,13 @@ import time
 import torch
 from omegaconf import DictConfig
 
+from cdpo.data.collate import collate_pairs
 from cdpo.io import write_jsonl
 from cdpo.logprobs import response_logps
 from cdpo.models import add_lora, model_summary, reference_model, save_adapter
 from cdpo.modules import PairsDataModule, PreferenceModule, SequencesDataModule, SFTModule
 from cdpo.pipeline import context
-from cdpo.pipeline.artifacts import RunPaths, chunks, load
+from cdpo.pipeline.artifacts import RunPaths, load
 
 REF_METHODS = ("dpo", "rpo", "cdpo")  # methods that need only reference log-probs
 
@@ -67,20 +68,22 @@ def reference_logps(cfg: DictConfig, paths: RunPaths, pairs: list[dict], tok, po
     keys = [_ref_key(cfg, p) for p in pairs]
     if all(k in cached for k in keys):
         return [cached[k] for k in keys]
-    dm = PairsDataModule(pairs, shuffle=False, **_data_kw(cfg, tok, cfg.ce.batch_size))
     device = next(policy.parameters()).device
     out = []
     with reference_model(policy):
-        for batch_pairs in chunks(pairs, cfg.ce.batch_size):
-            batch = dm._collate(batch_pairs)
+        for start in range(0, len(pairs), cfg.ce.batch_size):
+            batch_pairs, batch_keys = pairs[start:start + cfg.ce.batch_size], keys[start:start + cfg.ce.batch_size]
+            batch = collate_pairs(batch_pairs, pad_id=tok.pad_token_id, max_length=cfg.data.max_length,
+                                  max_prompt_length=cfg.data.max_prompt_length)
             row = {}
             for side in ("chosen", "rejected"):
                 b = {k: v.to(device) for k, v in batch[side].items()}
                 logps = response_logps(policy, b, impl=cfg.loss_impl)
                 row[side] = [lp[m].tolist() for lp, m in zip(logps.cpu(), b["mask"].cpu())]
-            out += [{"key": _ref_key(cfg, p), "ref_chosen": c, "ref_rejected": r}
-                    for p, c, r in zip(batch_pairs, row["chosen"], row["rejected"])]
-    write_jsonl(paths.ref_logps, [*(v for k, v in cached.items() if k not in set(keys)), *out])
+            out += [{"key": k, "ref_chosen": c, "ref_rejected": r}
+                    for k, c, r in zip(batch_keys, row["chosen"], row["rejected"])]
+    wanted = set(keys)
+    write_jsonl(paths.ref_logps, [*(v for k, v in cached.items() if k not in wanted), *out])
     return out
 
 
