@@ -1,13 +1,14 @@
 """Contrastive scoring throughput and peak memory: ours vs the paper's approach.
 
-    python benchmarks/scoring.py [--pairs 16] [--batch-size 16]
+    python benchmarks/scoring.py [--pairs 16] [--batch-size 16] [--dtype float32|bfloat16]
 
 paper's approach: two full models (positive and negative, adapters merged into two copies of the
     base), one sequence at a time, full-vocabulary logits of both, softmax((1+b) z_pos - b z_neg).
 ours: one base model carrying both LoRA adapters, batches of sequences, and the combined hidden
     state (1+b) h_pos - b h_neg through the output head once, in row chunks (`ContrastiveScorer`);
     with `ours+prefix`, the prompt prefix every sequence shares (the few-shot exemplars) is encoded
-    once per model and each batch continues its KV cache (what the score stage does).
+    once per model and each batch continues its KV cache; with `ours+prefix+prompt`, each pair's
+    prompt is also encoded once for its chosen and rejected response (what the score stage does).
 Same model (embedded SmolLM2-135M), same sequences (arith prompts + sampled-length responses), same
 CPU; each mode runs in a fresh process so its peak RSS is its own. Target: ours >= 10x tokens/s,
 lower peak memory.
@@ -53,13 +54,13 @@ def _adapted(cfg, seed: int):
     return model.eval()
 
 
-def worker(mode: str, n_pairs: int, batch_size: int) -> dict:
+def worker(mode: str, n_pairs: int, batch_size: int, dtype: str) -> dict:
     from cdpo.data.collate import collate_sequences
     from cdpo.models import use_adapter
     from cdpo.modules import ContrastiveScorer
     from cdpo.pipeline import context
 
-    cfg = default_cfg()
+    cfg = default_cfg(f"model.dtype={dtype}")
     tok = context.tokenizer(cfg)
     seqs = _sequences(cfg, tok, n_pairs)
     model = _adapted(cfg, seed=0)
@@ -86,19 +87,23 @@ def worker(mode: str, n_pairs: int, batch_size: int) -> dict:
                 probs.append(p[0, start:-1].gather(-1, targets[:, None])[:, 0])
         seconds = time.perf_counter() - t0
     else:
-        scorer = ContrastiveScorer(model, b=b)
-        if mode == "ours+prefix":
-            from cdpo.logprobs import shared_prefix_ids
+        from cdpo.logprobs import shared_prefix_ids
 
-            prefix = shared_prefix_ids([x["prompt_ids"] for x in seqs])
-            scorer.set_prefix(prefix)
-            seqs = [{"prompt_ids": x["prompt_ids"][len(prefix):], "response_ids": x["response_ids"]} for x in seqs]
+        scorer = ContrastiveScorer(model, b=b)
+        prefix = shared_prefix_ids([x["prompt_ids"] for x in seqs]) if mode != "ours" else []
+        scorer.set_prefix(prefix)
+        rest = [{"prompt_ids": x["prompt_ids"][len(prefix):], "response_ids": x["response_ids"]} for x in seqs]
         probs = []
         t0 = time.perf_counter()
-        for i in range(0, len(seqs), batch_size):
-            batch = collate_sequences(seqs[i:i + batch_size], pad_id=tok.pad_token_id, max_length=4096,
-                                      max_prompt_length=4096)
-            probs += [torch.tensor(r["p_ce"]) for r in scorer.predict_step(batch, 0)]
+        for i in range(0, len(rest), batch_size):
+            chunk = rest[i:i + batch_size]
+            if mode == "ours+prefix+prompt":  # sequences come in pairs that share a prompt
+                scored = scorer.score_grouped([x["prompt_ids"] for x in chunk[::2]], [x["response_ids"] for x in chunk],
+                                              pad_id=tok.pad_token_id)
+            else:
+                scored = scorer.predict_step(collate_sequences(chunk, pad_id=tok.pad_token_id, max_length=4096,
+                                                               max_prompt_length=4096), 0)
+            probs += [torch.tensor(r["p_ce"]) for r in scored]
         seconds = time.perf_counter() - t0
     checksum = float(torch.cat(probs).double().sum())
     return {"mode": mode, "seconds": seconds, "tokens": n_tokens, "sequences": len(seqs),
@@ -109,18 +114,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--worker", nargs=3)
+    ap.add_argument("--dtype", default="float32", help="model dtype for every mode (bfloat16 is fast on CPUs with AVX512-BF16/AMX)")
+    ap.add_argument("--worker", nargs=4)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.worker[0], int(args.worker[1]), int(args.worker[2]))))
+        print(json.dumps(worker(args.worker[0], int(args.worker[1]), int(args.worker[2]), args.worker[3])))
         return
-    rows = [run_worker(__file__, mode, args.pairs, args.batch_size) for mode in ("paper", "ours", "ours+prefix")]
+    rows = [run_worker(__file__, mode, args.pairs, args.batch_size, args.dtype) for mode in ("paper", "ours", "ours+prefix", "ours+prefix+prompt")]
     print(f"contrastive scoring, embedded SmolLM2-135M, {rows[0]['sequences']} sequences "
-          f"({rows[0]['tokens']} response tokens), {torch.get_num_threads()} threads")
+          f"({rows[0]['tokens']} response tokens), {args.dtype}, {torch.get_num_threads()} threads")
     print(f"{'mode':<44} {'seconds':>8} {'tokens/s':>9} {'peak RSS MiB':>13}")
     labels = {"paper": "paper: 2 full models, 1 seq, full softmax",
               "ours": f"ours: 1 base + 2 adapters, batch {args.batch_size}, chunked",
-              "ours+prefix": "ours + shared prefix encoded once"}
+              "ours+prefix": "ours + shared prefix encoded once",
+              "ours+prefix+prompt": "ours + prefix + each pair's prompt once"}
     for r in rows:
         print(f"{labels[r['mode']]:<44} {r['seconds']:8.2f} {r['tokens'] / r['seconds']:9.1f} {r['peak_rss_mib']:13.0f}")
     paper = rows[0]

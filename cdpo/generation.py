@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from cdpo.logprobs import CACHE_ARG, prefix_cache, repeat_cache, shared_prefix_ids
+from cdpo.logprobs import CACHE_ARG, preallocated_cache, prefix_cache, shared_prefix_ids
 
 
 @dataclass
@@ -123,8 +123,7 @@ def generate(
             kwargs.update(do_sample=False)
         if stop:
             kwargs.update(stop_strings=stop, tokenizer=tokenizer)
-        if cache is not None:
-            kwargs[CACHE_ARG] = repeat_cache(cache, len(batch))
+        kwargs[CACHE_ARG] = preallocated_cache(model, len(batch), input_ids.shape[1] + max_new_tokens, cache)
         t0 = time.perf_counter()
         seqs = model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
         dt = time.perf_counter() - t0

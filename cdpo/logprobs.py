@@ -70,6 +70,21 @@ def repeat_cache(cache, batch: int):
     return cache
 
 
+def preallocated_cache(model, batch: int, max_length: int, prefix=None):
+    """A KV cache allocated once for `batch` rows and `max_length` positions, optionally starting
+    with a batch-1 `prefix` cache copied into every row. Decoding writes each step in place; a
+    growing DynamicCache instead copies the whole cache at every step, which is most of a batched
+    decode step's time on a CPU."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=max_length)
+    if prefix is not None:
+        for layer, source in zip(cache.layers, prefix.layers):
+            keys, values = (t.expand(batch, -1, -1, -1) for t in (source.keys, source.values))
+            layer.update(keys, values)  # allocates, then writes positions [0, prefix length)
+    return cache
+
+
 @torch.no_grad()
 def prefix_cache(model, prefix_ids: list[int]):
     """KV cache of a prefix shared by many sequences, computed once (per adapter)."""
@@ -89,6 +104,44 @@ def hidden_states_after_prefix(model, cache, input_ids: torch.Tensor, attention_
     out = decoder(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
                   **{CACHE_ARG: cache})
     return out.last_hidden_state
+
+
+def grouped_response_hidden_states(model, cache, prompts: list[list[int]], responses: list[list[int]],
+                                   pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hidden states that score responses sharing a prompt, each prompt encoded once.
+
+    `responses` holds len(responses) // len(prompts) responses per prompt, grouped in prompt order
+    (a pair's chosen and rejected share their question). Prompts (what follows the cached prefix,
+    or everything when `cache` is None) are left-padded and encoded once; their KV cache is then
+    repeated for each response and the right-padded responses continue it. Returns (hidden [R, L, H],
+    targets [R, L], mask [R, L]): position t predicts response token t.
+    """
+    if not prompts or len(responses) % len(prompts):
+        raise ValueError(f"{len(responses)} responses do not split evenly over {len(prompts)} prompts")
+    if min(map(len, prompts)) == 0:
+        raise ValueError("every prompt needs at least one token after the shared prefix (its output predicts the response)")
+    decoder, _ = backbone_and_head(model)
+    device = next(model.parameters()).device
+    group, width = len(responses) // len(prompts), max(map(len, prompts))
+    prompt_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    prompt_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    prefix_len = cache.get_seq_length() if cache is not None else 0
+    cache = repeat_cache(cache, len(prompts)) if cache is not None else None
+    mask = torch.cat([prompt_mask.new_ones(len(prompts), prefix_len), prompt_mask], dim=1)
+    out = decoder(input_ids=prompt_ids, attention_mask=mask, position_ids=mask.cumsum(-1)[:, prefix_len:] - 1,
+                  use_cache=True, **({CACHE_ARG: cache} if cache is not None else {}))
+    cache = out["cache"] if "cache" in out else out.past_key_values
+    last = out.last_hidden_state[:, -1:].repeat_interleave(group, dim=0)  # predicts each response's first token
+    length = max(map(len, responses))
+    targets = torch.tensor([r + [pad_id] * (length - len(r)) for r in responses], device=device)
+    response_mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in responses], device=device)
+    if length <= 1:
+        return last[:, :length], targets, response_mask.bool()
+    cache.batch_repeat_interleave(group)
+    mask = torch.cat([mask.repeat_interleave(group, dim=0), response_mask[:, :-1]], dim=1)
+    out = decoder(input_ids=targets[:, :-1], attention_mask=mask, position_ids=mask.cumsum(-1)[:, -(length - 1):] - 1,
+                  use_cache=True, **{CACHE_ARG: cache})
+    return torch.cat([last, out.last_hidden_state], dim=1), targets, response_mask.bool()
 
 
 def response_logps(model, batch: dict[str, torch.Tensor], *, impl: str = "torch", chunk_size: int = 1024,

@@ -13,7 +13,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from transformers import LlamaConfig  # noqa: E402
+
 from cdpo.generation import Completion, GenerationStats, _finish, generate  # noqa: E402
+from cdpo.logprobs import CACHE_ARG  # noqa: E402
 from cdpo.models import load_tokenizer, tiny_llama_like_embedded  # noqa: E402
 
 
@@ -162,6 +165,7 @@ class ScriptedLM(torch.nn.Module):
         super().__init__()
         self.anchor = torch.nn.Parameter(torch.zeros(1))
         self.tok, self.continuations, self.calls = tok, continuations, []
+        self.config = LlamaConfig(num_hidden_layers=2)  # what generate's preallocated KV cache is shaped from
 
     def generate(self, input_ids, attention_mask, **kw):
         self.calls.append(kw)
@@ -196,6 +200,11 @@ def test_generate_stop_eos_length_through_batches(tok):
     assert (c.text, c.finish_reason) == (" and on and on and on", "length")
     assert c.token_ids == script[prompts[2]]
     assert stats.sequences == 3 and len(stats.per_batch) == 2
+    from transformers import StaticCache
+
+    cache = lm.calls[0][CACHE_ARG]  # decoding writes into a cache allocated once for prompt + max_new_tokens
+    assert isinstance(cache, StaticCache) and len(cache.layers) == 2
+    assert cache.layers[0].max_cache_len == len(tok(prompts[0])["input_ids"]) + 32
     assert stats.new_tokens == len(a.token_ids) + len(b.token_ids) + len(c.token_ids)
     # greedy, with the stop strings handed to HF so that generation halts there
     assert all(k["do_sample"] is False and k["stop_strings"] == [STOP] for k in lm.calls)

@@ -362,3 +362,17 @@ def test_tiny_llama_like_embedded_runs_real_text(embedded):
         logits = model(**batch).logits
     assert logits.shape[:2] == batch["input_ids"].shape and logits.shape[-1] == len(tokenizer)
     assert torch.equal(logits, tiny_llama_like_embedded(seed=0)(**batch).logits.detach())
+
+
+def test_bf16_if_native_follows_the_cpu():
+    import torch
+
+    from cdpo.models import native_bf16, torch_dtype
+
+    assert native_bf16("cpu", cpu_flags="fpu sse avx2 avx512f avx512_bf16 avx512vl")
+    assert native_bf16("cpu", cpu_flags="fpu amx_tile amx_bf16")
+    assert not native_bf16("cpu", cpu_flags="fpu sse avx2 avx512f avx512_bf16x")  # whole flags only
+    expected = torch.bfloat16 if native_bf16("cpu") else torch.float32
+    assert torch_dtype("bf16-if-native", "cpu") == expected
+    with pytest.raises(ValueError, match="bf16-if-native"):
+        torch_dtype("bf17")

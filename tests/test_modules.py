@@ -39,6 +39,7 @@ def _perturb(model, adapter: str, seed: int, scale: float = 0.3):
 
 
 def _policy(seed=0):
+    torch.manual_seed(seed)  # LoRA A matrices come from the global RNG: same policy whatever ran before
     model = add_lora(tiny_llama(seed=0), "policy", **LORA)
     _perturb(model, "policy", seed=seed + 1)
     return model

@@ -55,3 +55,51 @@ def test_shared_prefix_rule():
     assert shared_prefix(cfg, long) == []
     short = [{**p, "prompt_ids": p["prompt_ids"][:10]} for p in pairs]  # 9 shared tokens < 16
     assert shared_prefix(cfg, short) == []
+
+
+def test_grouped_scoring_equals_full_sequences():
+    """Responses sharing a prompt (a pair's chosen and rejected), with and without a cached prefix."""
+    g = torch.Generator().manual_seed(3)
+    ids = lambda n: torch.randint(3, 64, (n,), generator=g).tolist()  # noqa: E731
+    prefix = ids(18)
+    prompts = [prefix + ids(k) for k in (4, 1, 7)]
+    responses = [ids(r) for r in (5, 2, 1, 9, 3, 3)]  # two per prompt, lengths differ (one of a single token)
+    items = [{"prompt_ids": prompts[i // 2], "response_ids": r} for i, r in enumerate(responses)]
+    scorer = _scorer()
+    full = scorer.predict_step(collate_sequences(items, pad_id=0), 0)
+    for cut in (0, len(prefix)):
+        scorer.set_prefix(prefix[:cut])
+        grouped = scorer.score_grouped([p[cut:] for p in prompts], responses, pad_id=0)
+        assert [r["token_ids"] for r in grouped] == responses
+        for a, b in zip(full, grouped):
+            torch.testing.assert_close(torch.tensor(b["p_ce"]), torch.tensor(a["p_ce"]), rtol=1e-4, atol=1e-6)
+
+
+def test_grouped_scoring_rejects_uneven_groups():
+    import pytest
+
+    with pytest.raises(ValueError, match="split evenly"):
+        _scorer().score_grouped([[5, 6], [7]], [[1], [2], [3]], pad_id=0)
+
+
+def test_score_stage_same_with_and_without_sharing():
+    from types import SimpleNamespace
+
+    from cdpo.pipeline.score import score_pairs
+
+    g = torch.Generator().manual_seed(4)
+    ids = lambda n: torch.randint(3, 64, (n,), generator=g).tolist()  # noqa: E731
+    prefix = ids(20)
+    pairs = [{"id": f"q{i}", "prompt_ids": prefix + ids(1 + i), "chosen_ids": ids(2 + i), "rejected_ids": ids(6 - i)}
+             for i in range(5)]
+    tok = SimpleNamespace(pad_token_id=0, decode=lambda t: str(t))
+    out = {}
+    for share in (True, False):
+        cfg = OmegaConf.create({"ce": {"batch_size": 4, "share_prefix": share},
+                                "data": {"max_length": 100, "max_prompt_length": 50}})
+        torch.manual_seed(0)  # the same LoRA A matrices in both scorers
+        out[share] = score_pairs(cfg, _scorer(), pairs, tok)
+    for a, b in zip(out[True], out[False]):
+        assert a["rejected_ids"] == b["rejected_ids"] and a["critical_index"] == b["critical_index"]
+        for side in ("chosen_p_ce", "rejected_p_ce"):
+            torch.testing.assert_close(torch.tensor(a[side]), torch.tensor(b[side]), rtol=1e-4, atol=1e-6)

@@ -37,6 +37,7 @@ from .loading import (
     hub_offline,
     load_model,
     load_tokenizer,
+    native_bf16,
     model_summary,
     resolve_source,
     tiny_llama,

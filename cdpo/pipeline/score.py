@@ -38,32 +38,42 @@ def pair_key(pair: dict) -> str:
     return f"{pair['id']}#{pair.get('pair', 0)}"
 
 
+def fits_untruncated(cfg: DictConfig, pairs: list[dict]) -> bool:
+    d = cfg.data
+    return all(len(p["prompt_ids"]) <= d.max_prompt_length
+               and len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) <= d.max_length
+               for p in pairs)
+
+
 def shared_prefix(cfg: DictConfig, pairs: list[dict]) -> list[int]:
     """The prompt tokens every pair starts with (e.g. few-shot exemplars), kept at least one token
     short of every prompt; empty when truncation would cut into prompts (the prefix would differ)."""
-    d = cfg.data
-    fits = all(len(p["prompt_ids"]) <= d.max_prompt_length
-               and len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) <= d.max_length
-               for p in pairs)
-    return shared_prefix_ids([p["prompt_ids"] for p in pairs]) if fits else []
+    return shared_prefix_ids([p["prompt_ids"] for p in pairs]) if fits_untruncated(cfg, pairs) else []
 
 
 def score_pairs(cfg: DictConfig, scorer: ContrastiveScorer, pairs: list[dict], tok) -> list[dict]:
-    prefix = shared_prefix(cfg, pairs) if cfg.ce.get("share_prefix", True) else []
+    share = cfg.ce.get("share_prefix", True) and fits_untruncated(cfg, pairs)
+    prefix = shared_prefix(cfg, pairs) if share else []
     scorer.set_prefix(prefix)
-    seqs = []
-    for p in pairs:
-        rest = p["prompt_ids"][len(prefix):]
-        seqs.append({"prompt_ids": rest, "response_ids": p["chosen_ids"]})
-        seqs.append({"prompt_ids": rest, "response_ids": p["rejected_ids"]})
-    dm = SequencesDataModule(seqs, pad_id=tok.pad_token_id, batch_size=cfg.ce.batch_size, shuffle=False,
-                             max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
-    # The scorer's predict_step over batches on the model's device. (A Trainer.predict per shard
-    # would move the whole model back to the CPU after every shard.)
-    device = next(scorer.model.parameters()).device
     scored = []
-    for i, batch in enumerate(tqdm(dm.predict_dataloader(), desc=f"score {len(pairs)} pairs", unit="batch")):
-        scored += scorer.predict_step({k: v.to(device) for k, v in batch.items()}, i)
+    if share:
+        # Each pair's prompt is encoded once after the shared prefix; chosen and rejected continue it.
+        per_batch = max(cfg.ce.batch_size // 2, 1)
+        for i in tqdm(range(0, len(pairs), per_batch), desc=f"score {len(pairs)} pairs", unit="batch"):
+            chunk = pairs[i:i + per_batch]
+            scored += scorer.score_grouped([p["prompt_ids"][len(prefix):] for p in chunk],
+                                           [r for p in chunk for r in (p["chosen_ids"], p["rejected_ids"])],
+                                           pad_id=tok.pad_token_id)
+    else:
+        seqs = [{"prompt_ids": p["prompt_ids"], "response_ids": p[side]} for p in pairs
+                for side in ("chosen_ids", "rejected_ids")]
+        dm = SequencesDataModule(seqs, pad_id=tok.pad_token_id, batch_size=cfg.ce.batch_size, shuffle=False,
+                                 max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length)
+        # The scorer's predict_step over batches on the model's device. (A Trainer.predict per shard
+        # would move the whole model back to the CPU after every shard.)
+        device = next(scorer.model.parameters()).device
+        for i, batch in enumerate(tqdm(dm.predict_dataloader(), desc=f"score {len(pairs)} pairs", unit="batch")):
+            scored += scorer.predict_step({k: v.to(device) for k, v in batch.items()}, i)
     out = []
     for i, p in enumerate(pairs):
         c, r = scored[2 * i], scored[2 * i + 1]
