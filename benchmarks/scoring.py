@@ -54,6 +54,24 @@ def _adapted(cfg, seed: int):
     return model.eval()
 
 
+def _work(mode: str, seqs: list[dict]) -> tuple[int, int]:
+    """(token rows through the decoder, rows through the output head) that `mode` computes: the
+    matmul work, which bounds the speed-up where the CPU is compute-bound."""
+    from cdpo.logprobs import shared_prefix_ids
+
+    full = sum(len(s["prompt_ids"]) + len(s["response_ids"]) for s in seqs)
+    responses = sum(len(s["response_ids"]) for s in seqs)
+    if mode == "paper":  # both models, every position, full logits everywhere
+        return 2 * full, 2 * full
+    if mode == "ours":
+        return 2 * full, responses
+    prefix = len(shared_prefix_ids([s["prompt_ids"] for s in seqs]))
+    if mode == "ours+prefix":
+        return 2 * (prefix + full - prefix * len(seqs)), responses
+    prompts = sum(len(s["prompt_ids"]) - prefix for s in seqs[::2])  # pairs share their prompt
+    return 2 * (prefix + prompts + responses), responses
+
+
 def worker(mode: str, n_pairs: int, batch_size: int, dtype: str) -> dict:
     from cdpo.data.collate import collate_sequences
     from cdpo.models import use_adapter
@@ -65,6 +83,13 @@ def worker(mode: str, n_pairs: int, batch_size: int, dtype: str) -> dict:
     seqs = _sequences(cfg, tok, n_pairs)
     model = _adapted(cfg, seed=0)
     n_tokens = sum(len(s["response_ids"]) for s in seqs)
+    decoder_rows, head_rows = _work(mode, seqs)
+    from cdpo.logprobs import backbone_and_head
+
+    decoder, head = backbone_and_head(model)
+    per_token = sum(p.numel() for n, p in decoder.layers.named_parameters() if "lora_" not in n)
+    macs = decoder_rows * per_token + head_rows * head.weight.numel()
+    dtype = str(head.weight.dtype).removeprefix("torch.")
     b = cfg.ce.b
     if mode == "paper":
         import copy
@@ -106,7 +131,8 @@ def worker(mode: str, n_pairs: int, batch_size: int, dtype: str) -> dict:
             probs += [torch.tensor(r["p_ce"]) for r in scored]
         seconds = time.perf_counter() - t0
     checksum = float(torch.cat(probs).double().sum())
-    return {"mode": mode, "seconds": seconds, "tokens": n_tokens, "sequences": len(seqs),
+    return {"mode": mode, "seconds": seconds, "tokens": n_tokens, "sequences": len(seqs), "gmac": macs / 1e9,
+            "dtype": dtype,
             "peak_rss_mib": peak_rss_mib(), "checksum": checksum}
 
 
@@ -114,7 +140,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pairs", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--dtype", default="float32", help="model dtype for every mode (bfloat16 is fast on CPUs with AVX512-BF16/AMX)")
+    ap.add_argument("--dtype", default="bf16-if-native",
+                    help="model dtype for every mode (default: the embedded model's, bfloat16 where the CPU has AVX512-BF16/AMX)")
     ap.add_argument("--worker", nargs=4)
     args = ap.parse_args()
     if args.worker:
@@ -122,19 +149,20 @@ def main() -> None:
         return
     rows = [run_worker(__file__, mode, args.pairs, args.batch_size, args.dtype) for mode in ("paper", "ours", "ours+prefix", "ours+prefix+prompt")]
     print(f"contrastive scoring, embedded SmolLM2-135M, {rows[0]['sequences']} sequences "
-          f"({rows[0]['tokens']} response tokens), {args.dtype}, {torch.get_num_threads()} threads")
-    print(f"{'mode':<44} {'seconds':>8} {'tokens/s':>9} {'peak RSS MiB':>13}")
+          f"({rows[0]['tokens']} response tokens), {rows[0]['dtype']}, {torch.get_num_threads()} threads")
+    print(f"{'mode':<44} {'seconds':>8} {'tokens/s':>9} {'peak RSS MiB':>13} {'matmul GMAC':>12}")
     labels = {"paper": "paper: 2 full models, 1 seq, full softmax",
               "ours": f"ours: 1 base + 2 adapters, batch {args.batch_size}, chunked",
               "ours+prefix": "ours + shared prefix encoded once",
               "ours+prefix+prompt": "ours + prefix + each pair's prompt once"}
     for r in rows:
-        print(f"{labels[r['mode']]:<44} {r['seconds']:8.2f} {r['tokens'] / r['seconds']:9.1f} {r['peak_rss_mib']:13.0f}")
+        print(f"{labels[r['mode']]:<44} {r['seconds']:8.2f} {r['tokens'] / r['seconds']:9.1f} {r['peak_rss_mib']:13.0f} {r['gmac']:12.1f}")
     paper = rows[0]
     for r in rows[1:]:
         print(f"{r['mode']}: throughput {paper['seconds'] / r['seconds']:.1f}x the paper's (target >= 10x); "
               f"peak memory {r['peak_rss_mib'] / paper['peak_rss_mib']:.2f} of the paper's; "
-              f"sum of p_ce {r['checksum']:.4f} (paper {paper['checksum']:.4f})")
+              f"sum of p_ce {r['checksum']:.4f} (paper {paper['checksum']:.4f}); "
+              f"{paper['gmac'] / r['gmac']:.1f}x less matmul work (the ceiling where compute-bound)")
 
 
 if __name__ == "__main__":
