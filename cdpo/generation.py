@@ -72,11 +72,17 @@ def _eos_ids(tokenizer) -> list[int]:
     return list(ids) if isinstance(ids, (list, tuple)) else [ids]
 
 
+def generate(model, tokenizer, prompts: list[str], *, add_special_tokens: bool = True, **kwargs) -> list[list[Completion]]:
+    """Sample completions of text prompts: tokenise them, then `generate_ids` (its keyword arguments)."""
+    ids = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    return generate_ids(model, tokenizer, ids, **kwargs)
+
+
 @torch.no_grad()
-def generate(
+def generate_ids(
     model,
     tokenizer,
-    prompts: list[str],
+    prompt_ids: list[list[int]],
     *,
     n: int = 1,
     max_new_tokens: int = 256,
@@ -88,20 +94,21 @@ def generate(
     progress: bool = True,
     desc: str = "generate",
     stats: GenerationStats | None = None,
-    add_special_tokens: bool = True,
     share_prefix: bool = True,
 ) -> list[list[Completion]]:
-    """Sample `n` completions per prompt (greedy when temperature == 0).
+    """Sample `n` completions per prompt given as token ids (greedy when temperature == 0).
 
-    Prompts are repeated n times and packed into batches of `batch_size` rows; each batch's seed is
-    derived from `seed` and the batch index, so a resumed run reproduces it. With `share_prefix`,
-    the tokens every prompt starts with (few-shot exemplars) are encoded once and each batch
-    continues their KV cache; rows are laid out as [prefix | left padding | rest of the prompt].
+    A prompt may end inside a response (a rollout continues a trajectory's prefix): the completion
+    holds only the new tokens. Prompts are repeated n times and packed into batches of `batch_size`
+    rows; each batch's seed is derived from `seed` and the batch index, so a resumed run reproduces
+    it. With `share_prefix`, the tokens every prompt starts with (few-shot exemplars, a trajectory's
+    prefix) are encoded once and each batch continues their KV cache; rows are laid out as
+    [prefix | left padding | rest of the prompt].
     """
     stop = list(stop or [])
     if temperature == 0 and n > 1:
         raise ValueError("n > 1 with greedy decoding (temperature=0) gives n identical completions")
-    ids = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    ids = [list(p) for p in prompt_ids]
     rows = [row for row in ids for _ in range(n)]
     prefix = shared_prefix_ids(ids) if share_prefix else []
     out: list[Completion] = []
@@ -137,4 +144,4 @@ def generate(
         bar.update(len(batch))
         bar.set_postfix(tok_s=f"{stats.tokens_per_s:.0f}")
     bar.close()
-    return [out[i * n:(i + 1) * n] for i in range(len(prompts))]
+    return [out[i * n:(i + 1) * n] for i in range(len(ids))]

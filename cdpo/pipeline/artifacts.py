@@ -119,6 +119,34 @@ def mark_done(paths: RunPaths, stage: str, cfg: DictConfig, summary: dict) -> No
     write_json(marker, summary)
 
 
+def _shards(items: Sequence, shard_size: int, shard_dir: Path):
+    for index, start in enumerate(range(0, len(items), shard_size)):
+        yield shard_dir / f"shard-{index:05d}.jsonl", items[start:start + shard_size]
+
+
+def _finished_shard(path: Path, shard: Sequence, key: Callable[[Any], str]) -> list[dict] | None:
+    """The records of a shard file that holds exactly these items, else None."""
+    if path.exists():
+        done = read_jsonl(path)
+        if [r.get("key") for r in done] == [key(item) for item in shard]:
+            return done
+    return None
+
+
+def _signature_matches(shard_dir: Path, signature: dict) -> bool:
+    sig_path = shard_dir / "signature.json"
+    return sig_path.exists() and json.loads(sig_path.read_text()) == signature
+
+
+def pending_items(items: Sequence, shard_size: int, shard_dir: Path, *, key: Callable[[Any], str],
+                  signature: dict) -> list:
+    """The items `run_sharded` with these arguments would still process (for cost estimates)."""
+    if not _signature_matches(shard_dir, signature):
+        return list(items)
+    return [item for path, shard in _shards(items, shard_size, shard_dir)
+            if _finished_shard(path, shard, key) is None for item in shard]
+
+
 def run_sharded(items: Sequence, shard_size: int, shard_dir: Path, work: Callable[[Sequence], list[dict]],
                 out_path: Path, *, key: Callable[[Any], str], signature: dict,
                 on_skip: Callable[[int], None] | None = None) -> list[dict]:
@@ -126,22 +154,18 @@ def run_sharded(items: Sequence, shard_size: int, shard_dir: Path, work: Callabl
     concatenation to `out_path`. A shard file left by an interrupted run is reused only when it was
     made with the same `signature` (the settings the stage depends on) and holds the same items
     (by `key`, which must equal each output record's "key" field); otherwise the shards are redone."""
-    sig_path = shard_dir / "signature.json"
-    if shard_dir.exists() and (not sig_path.exists() or json.loads(sig_path.read_text()) != signature):
+    if shard_dir.exists() and not _signature_matches(shard_dir, signature):
         shutil.rmtree(shard_dir)  # made with other settings: stale
     shard_dir.mkdir(parents=True, exist_ok=True)
-    write_json(sig_path, signature)
+    write_json(shard_dir / "signature.json", signature)
     records: list[dict] = []
-    for index, start in enumerate(range(0, len(items), shard_size)):
-        shard = items[start:start + shard_size]
-        path = shard_dir / f"shard-{index:05d}.jsonl"
-        if path.exists():
-            done = read_jsonl(path)
-            if [r.get("key") for r in done] == [key(item) for item in shard]:
-                records.extend(done)
-                if on_skip:
-                    on_skip(len(shard))
-                continue
+    for path, shard in _shards(items, shard_size, shard_dir):
+        done = _finished_shard(path, shard, key)
+        if done is not None:
+            records.extend(done)
+            if on_skip:
+                on_skip(len(shard))
+            continue
         done = work(shard)
         write_jsonl(path, done)
         records.extend(done)

@@ -1,0 +1,31 @@
+"""Critical-token analysis on a finished run: `python rollout.py` (embedded default) or with overrides.
+
+    python rollout.py rollout.limit=10 rollout.stride=2 rollout.m=16
+
+For each incorrect trajectory of the score stage's scored pairs: continuations resampled after every
+prefix (the success rate per position and the critical token, see cdpo/analysis/rollout.py), pass@k
+with vs without the critical token, how often the lowest-p_ce token is the critical token, and an
+HTML token viewer. Writes everything under rollout.output_dir (default <run_dir>/analysis).
+Sharded and resumable: rerunning continues after the last finished shard.
+"""
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="rollout")
+def main(cfg: DictConfig) -> None:
+    from cdpo.analysis.rollout import RolloutConfigError
+    from cdpo.analysis.run import run
+    from cdpo.errors import USER_ERRORS
+
+    try:
+        run(cfg)
+    except (*USER_ERRORS, RolloutConfigError) as e:
+        print(f"rollout.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
