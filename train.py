@@ -1,10 +1,13 @@
 """Run the cDPO pipeline: `python train.py` (embedded default) or `python train.py +experiment=llama3_8b_cdpo`.
 
 Stages: sample -> select -> sft_pos / sft_neg -> score -> align -> eval; `stage=<name>` runs one.
+Sweeps: `python train.py -m method=dpo,cdpo seed=0,1,2` or a preset, `python train.py -m +sweep=embedded`.
 """
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 
@@ -17,6 +20,8 @@ def main(cfg: DictConfig) -> None:
         run_pipeline(cfg)
     except USER_ERRORS as e:  # bad input or an empty selection: the message says what to do
         print(f"train.py: error: {e}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra records the failed job, runs the others and raises at the end of the sweep
         sys.exit(2)
 
 

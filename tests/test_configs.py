@@ -10,7 +10,7 @@ GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir
 REQUIRED = {
     "model": {"smollm2_135m", "llama3_8b", "llama3_70b", "deepseek_math_7b", "tiny"},
     "data": {"gsm8k", "math500", "arith"},
-    "method": {"sft", "dpo", "tokendpo", "rpo", "cdpo"},
+    "method": {"baseline", "sft", "dpo", "tokendpo", "rpo", "cdpo"},
     "peft": {"ce_lora", "cdpo_lora", "none", "qlora"},
     "trainer": {"cpu", "gpu"},
     "logger": {"wandb", "csv", "none"},
@@ -29,7 +29,8 @@ def test_required_options_exist():
         assert names <= set(GROUPS[group]), (group, names - set(GROUPS[group]))
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() if g != "experiment" for o in opts])
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() if g not in ("experiment", "sweep")
+                                          for o in opts])
 def test_every_group_option_composes(group, option):
     cfg = _compose([f"{group}={option}"] if group != "peft" else [f"peft={option}", f"peft@ce_lora={option}"])
     assert cfg.stage == "all"
@@ -72,3 +73,67 @@ def test_70b_uses_qlora_and_temperatures_follow_the_paper():
 def test_method_dir_separates_methods_and_seeds():
     a, b = _compose(["method=dpo", "seed=1"]), _compose(["method=cdpo", "seed=1"])
     assert a.run_dir == b.run_dir and a.method_dir != b.method_dir
+
+
+# --- Table 1: every cell at the paper's settings ----------------------------------------------------
+PAPER_MODELS = ("llama3_8b", "llama3_70b", "deepseek_math_7b")
+TABLE1_METHODS = ("baseline", "sft", "dpo", "tokendpo", "rpo", "cdpo")
+PAPER_TEMPERATURES = {("llama3_8b", "gsm8k"): 0.5, ("llama3_70b", "gsm8k"): 0.85, ("deepseek_math_7b", "gsm8k"): 1.0,
+                      ("llama3_8b", "math500"): 0.1, ("llama3_70b", "math500"): 0.15,
+                      ("deepseek_math_7b", "math500"): 0.3}  # DESIGN.md, step 1
+CELL_PRESETS = [f"{m}_{d}" for m in PAPER_MODELS for d in ("gsm8k", "math500")] + [
+    "smollm2_135m_arith", "smollm2_135m_gsm8k"]
+
+
+def test_every_table1_cell_has_a_preset():
+    assert set(CELL_PRESETS) <= set(GROUPS["experiment"])
+    assert {f"{m}_cdpo" for m in (*PAPER_MODELS, "smollm2_135m")} <= set(GROUPS["experiment"])  # kept names
+
+
+@pytest.mark.parametrize("preset", CELL_PRESETS)
+@pytest.mark.parametrize("method", TABLE1_METHODS)
+def test_every_cell_and_method_composes(preset, method):
+    cfg = _compose([f"+experiment={preset}", f"method={method}", "seed=2"])
+    model, data = preset.rsplit("_", 1)
+    assert (cfg.model.name, cfg.data.name, cfg.method.name) == (model, data, method)
+    assert cfg.run_dir == f"runs/{model}-{data}" and cfg.method_dir == f"runs/{model}-{data}/{method}-seed2"
+
+
+@pytest.mark.parametrize("cell,temperature", PAPER_TEMPERATURES.items())
+def test_paper_cells_read_like_the_paper(cell, temperature):
+    model, data = cell
+    cfg = _compose([f"+experiment={model}_{data}"])
+    assert (cfg.sample.n, cfg.sample.temperature) == (64, temperature)
+    assert (cfg.select.top_k, cfg.select.negative_rule, cfg.select.top_p) == (1, "top_p", 0.5)
+    assert (cfg.ce_lora.r, cfg.ce_lora.alpha, cfg.ce.lr, cfg.ce.epochs, cfg.ce.b) == (8, 16, 3e-4, 1, 1.0)
+    assert (cfg.peft.r, cfg.peft.alpha, cfg.align.lr, cfg.align.epochs, cfg.align.grad_accum) == (16, 32, 4e-5, 3, 4)
+    assert cfg.peft.get("quantization") == ("nf4" if model == "llama3_70b" else None)
+    assert (cfg.trainer.accelerator, cfg.data.max_length, cfg.data.max_prompt_length) == ("gpu", 1500, 512)
+    for method in ("dpo", "tokendpo", "rpo", "cdpo"):
+        assert _compose([f"+experiment={model}_{data}", f"method={method}"]).method.beta == 0.1
+    # the kept name with another data set follows the data set's temperature too
+    assert _compose([f"+experiment={model}_cdpo", f"data={data}"]).sample.temperature == temperature
+
+
+def test_kept_preset_names_equal_the_cell_presets():
+    for model in PAPER_MODELS:
+        assert _compose([f"+experiment={model}_cdpo"]) == _compose([f"+experiment={model}_gsm8k", "method=cdpo"])
+    assert _compose(["+experiment=smollm2_135m_cdpo"]) == _compose(["+experiment=smollm2_135m_arith"]) == _compose()
+
+
+def test_math_training_questions_from_the_environment(monkeypatch):
+    assert _compose(["+experiment=llama3_8b_math500"]).data.train_source is None
+    monkeypatch.setenv("CDPO_MATH_TRAIN", "jsonl:/data/math_train.jsonl")
+    assert _compose(["+experiment=llama3_8b_math500"]).data.train_source == "jsonl:/data/math_train.jsonl"
+    assert _compose(["+experiment=llama3_8b_gsm8k"]).data.get("train_source") is None  # GSM8K has its own
+
+
+def test_embedded_gsm8k_preset_is_cpu_sized():
+    cfg = _compose(["+experiment=smollm2_135m_gsm8k"])
+    assert (cfg.model.name, cfg.data.name, cfg.trainer.accelerator) == ("smollm2_135m", "gsm8k", "cpu")
+    assert (cfg.data.train_limit, cfg.data.test_limit, cfg.sample.n) == (64, 100, 8)
+
+
+def test_shared_stages_have_their_own_seeds():
+    cfg = _compose(["seed=3"])
+    assert (cfg.seed, cfg.sample.seed, cfg.ce.seed) == (3, 0, 0)

@@ -8,6 +8,7 @@ most the shard it was in and never duplicates or loses records.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -48,6 +49,16 @@ class RunPaths:
     def aligned_adapter(self) -> Path:
         return self.method / "adapter"
 
+    @property
+    def history(self) -> Path:
+        """Metrics logged during align, one JSON line per logging step (read by the report)."""
+        return self.method / "metrics.jsonl"
+
+    def artifacts(self, stage: str) -> list[Path]:
+        """What a shared stage writes (what `reuse_stage` carries over to another run_dir)."""
+        return {"sample": [self.trajectories], "select": [self.positives, self.negatives, self.pairs],
+                "sft_pos": [self.pos_adapter], "sft_neg": [self.neg_adapter], "score": [self.scored_pairs]}[stage]
+
 
 # Config sections each stage depends on; a stage also depends on everything its inputs depended on.
 STAGE_INPUTS = {
@@ -58,6 +69,12 @@ STAGE_INPUTS = {
     "score": ("ce",),
     "align": ("method", "peft", "align", "seed", "loss_impl"),
 }
+# Settings inside those sections that a stage does not use: changing them must not redo it (the CE
+# models do not depend on the contrastive strength b, so an ablation over b reuses them).
+STAGE_IGNORES = {
+    "sft_pos": ("ce.b", "ce.shard_size", "ce.share_prefix"),
+    "sft_neg": ("ce.b", "ce.shard_size", "ce.share_prefix"),
+}
 _ORDER = ("sample", "select", "sft_pos", "sft_neg", "score", "align")
 
 
@@ -66,7 +83,7 @@ def changed_settings(paths: RunPaths, stage: str, cfg: DictConfig) -> list[str]:
     saved_path = paths.marker(stage).parent / f"{stage}.config.yaml"
     if not saved_path.exists() or stage not in STAGE_INPUTS:
         return []
-    saved = OmegaConf.to_container(OmegaConf.load(saved_path))
+    saved = _signature_of(OmegaConf.to_container(OmegaConf.load(saved_path)), stage)
     now = stage_signature(cfg, stage)
     return sorted(d for k in now for d in _diff(saved.get(k), now[k], k))
 
@@ -79,9 +96,17 @@ def _diff(a, b, prefix: str) -> list[str]:
 
 def stage_signature(cfg: DictConfig, stage: str) -> dict:
     """The resolved settings `stage` depends on (its own and its inputs')."""
+    return _signature_of(OmegaConf.to_container(cfg, resolve=True), stage)
+
+
+def _signature_of(config: dict, stage: str) -> dict:
     keys = sorted({k for s in _ORDER[:_ORDER.index(stage) + 1] for k in STAGE_INPUTS[s]})
-    now = OmegaConf.to_container(cfg, resolve=True)
-    return {k: now.get(k) for k in keys}
+    signature = {k: config.get(k) for k in keys}
+    for dotted in STAGE_IGNORES.get(stage, ()):
+        section, key = dotted.split(".")
+        if isinstance(signature.get(section), dict):
+            signature[section] = {k: v for k, v in signature[section].items() if k != key}
+    return signature
 
 
 # What each stage's artifact feeds (eval always reruns and checks its cached results itself).
@@ -110,6 +135,33 @@ def invalidate_after(paths: RunPaths, stage: str) -> list[str]:
 
 def is_done(paths: RunPaths, stage: str) -> bool:
     return paths.marker(stage).exists()
+
+
+def reuse_stage(source: RunPaths, paths: RunPaths, stage: str, cfg: DictConfig) -> bool:
+    """Carry a finished shared stage over from another run_dir when it was made with the settings `cfg`
+    asks for. Files are hard-linked (every artifact is replaced by rename, never rewritten in place,
+    so the two run_dirs cannot alter each other's copy), directories, markers and configs copied."""
+    if stage not in STAGE_INPUTS or stage == "align" or source.run.resolve() == paths.run.resolve():
+        return False
+    if not is_done(source, stage) or changed_settings(source, stage, cfg):
+        return False
+    for src in source.artifacts(stage):
+        dst = paths.run / src.relative_to(source.run)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if dst.is_dir():
+            shutil.rmtree(dst)
+        elif dst.exists():
+            dst.unlink()
+        if src.is_dir():
+            shutil.copytree(src, dst)
+        else:
+            try:
+                os.link(src, dst)
+            except OSError:  # another file system
+                shutil.copy2(src, dst)
+    for name in (f"{stage}.config.yaml", f"{stage}.done.json"):  # the marker last: the stage is done
+        shutil.copy2(source.run / name, paths.run / name)
+    return True
 
 
 def mark_done(paths: RunPaths, stage: str, cfg: DictConfig, summary: dict) -> None:

@@ -1,6 +1,7 @@
 """Building blocks every stage needs: the base model and tokenizer, prompts, a Trainer, a logger."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def base_model(cfg: DictConfig, *, for_training: bool = False):
     """A fresh base model (no adapters) on the run's device."""
     m = cfg.model
     if m.path == TINY:
-        return tiny_llama_like_embedded(seed=cfg.seed).to(device_for(cfg))
+        return tiny_llama_like_embedded(seed=0).to(device_for(cfg))  # one base model for every seed
     return load_model(m.path, dtype=m.dtype, device=device_for(cfg), attn_implementation=m.attn_implementation,
                       gradient_checkpointing=bool(m.gradient_checkpointing and for_training),
                       quantization=m.get("quantization") or cfg.peft.get("quantization"))
@@ -59,6 +60,11 @@ def stops(cfg: DictConfig) -> list[str]:
     return list(cfg.data.stop) if cfg.data.get("stop") else stop_strings(cfg.data.prompt_style)
 
 
+def wandb_mode(cfg: DictConfig) -> str:
+    mode = cfg.logger.mode
+    return ("online" if os.environ.get("WANDB_API_KEY") else "offline") if mode == "auto" else mode
+
+
 def make_logger(cfg: DictConfig, name: str):
     kind = cfg.logger.kind
     save_dir = Path(cfg.run_dir)
@@ -68,15 +74,59 @@ def make_logger(cfg: DictConfig, name: str):
         return L.pytorch.loggers.CSVLogger(save_dir=str(save_dir), name="csv", version=name)
     if kind != "wandb":
         raise ValueError(f"unknown logger.kind {kind!r}; choose wandb, csv or none")
-    mode = cfg.logger.mode
-    if mode == "auto":
-        mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
     save_dir.mkdir(parents=True, exist_ok=True)
+    # Under a wandb sweep agent the run id in the environment belongs to the eval run, which carries
+    # the sweep's metric (log_results); training stages get runs of their own.
+    run_id = _new_wandb_id() if os.environ.get("WANDB_SWEEP_ID") else None
     return L.pytorch.loggers.WandbLogger(
         project=cfg.logger.project, entity=cfg.logger.entity, name=f"{save_dir.name}/{name}", save_dir=str(save_dir),
-        offline=mode == "offline", config=OmegaConf.to_container(cfg, resolve=True), group=save_dir.name,
-        job_type=name,
+        offline=wandb_mode(cfg) == "offline", config=OmegaConf.to_container(cfg, resolve=True), group=save_dir.name,
+        job_type=name, id=run_id,
     )
+
+
+def _new_wandb_id() -> str:
+    import uuid
+
+    return uuid.uuid4().hex[:8]
+
+
+def log_results(cfg: DictConfig, name: str, summary: dict) -> None:
+    """Evaluation results as a wandb run of their own (job_type "eval"), for the report and sweeps;
+    nothing with the csv or no logger (the report reads the run directories)."""
+    if cfg.logger.kind != "wandb":
+        return
+    import wandb
+
+    save_dir = Path(cfg.run_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, name=f"{save_dir.name}/{name}",
+                     dir=str(save_dir), mode=wandb_mode(cfg), group=save_dir.name, job_type="eval",
+                     config=OmegaConf.to_container(cfg, resolve=True), reinit="finish_previous")
+    run.summary.update(summary)
+    run.finish()
+
+
+class JsonlHistory(L.pytorch.loggers.Logger):
+    """Every logged metrics row appended to a JSONL file, whatever the configured logger: the report
+    plots training curves (the paper's Figure 6) from it without wandb or CSV logs."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")  # a rerun of the stage starts a new history
+
+    name = property(lambda self: "history")
+    version = property(lambda self: 0)
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def finish_logger(logger) -> None:
@@ -87,12 +137,16 @@ def finish_logger(logger) -> None:
         wandb.finish()
 
 
-def make_trainer(cfg: DictConfig, name: str, *, epochs: int, grad_accum: int = 1, max_steps: int = -1) -> L.Trainer:
+def make_trainer(cfg: DictConfig, name: str, *, epochs: int, grad_accum: int = 1, max_steps: int = -1,
+                 history: Path | None = None) -> L.Trainer:
     t = cfg.trainer
+    logger = make_logger(cfg, name)
+    if history is not None:  # the configured logger stays first: trainer.logger is what finish_logger ends
+        logger = [*([logger] if logger else []), JsonlHistory(history)]
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, precision=t.precision, max_epochs=epochs, max_steps=max_steps,
         accumulate_grad_batches=grad_accum, gradient_clip_val=t.gradient_clip_val,
-        log_every_n_steps=t.log_every_n_steps, logger=make_logger(cfg, name), enable_checkpointing=False,
+        log_every_n_steps=t.log_every_n_steps, logger=logger, enable_checkpointing=False,
         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=cfg.run_dir,
         strategy=t.get("strategy", "auto"),
     )

@@ -8,7 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from cdpo.generation import GenerationStats
-from cdpo.io import write_json, write_jsonl
+from cdpo.io import read_jsonl, write_json, write_jsonl
 from cdpo.models import load_adapter
 from cdpo.pipeline import context
 from cdpo.pipeline.artifacts import RunPaths
@@ -60,9 +60,11 @@ def adapter_for(paths: RunPaths, label: str) -> Path | None:
 
 def run(cfg: DictConfig, paths: RunPaths) -> dict:
     tok = context.tokenizer(cfg)
+    baseline = cfg.method.loss == "none"  # the base model is the method's own result
+    labels = [cfg.method.name] if baseline else list(dict.fromkeys([*cfg.compare, cfg.method.name]))
     results = {}
-    for label in dict.fromkeys([*cfg.compare, cfg.method.name]):
-        key = "aligned" if label == cfg.method.name else label
+    for label in labels:
+        key = "base" if baseline else "aligned" if label == cfg.method.name else label
         out, adapter = paths.eval_file(key), adapter_for(paths, key)
         signature = eval_signature(cfg, adapter)
         cached = out.with_suffix(".json")
@@ -73,5 +75,19 @@ def run(cfg: DictConfig, paths: RunPaths) -> dict:
         if adapter is not None:
             model = load_adapter(model, adapter, key)
         results[label] = evaluate_model(cfg, model, tok, out, label, signature)
+    own = paths.eval_file("aligned")
+    if baseline:  # a result file in the method dir like every other method's: the report reads those
+        write_jsonl(own, read_jsonl(paths.eval_file("base")))
+        write_json(own.with_suffix(".json"), {**results[cfg.method.name], "model": cfg.method.name,
+                                              "config": OmegaConf.to_container(cfg, resolve=True)})
+    r = results[cfg.method.name]
+    context.log_results(cfg, f"eval_{cfg.method.name}_seed{cfg.seed}", {
+        "eval/accuracy": r["accuracy"], "eval/correct": r["correct"], "eval/questions": r["questions"],
+        "eval/no_answer": r["no_answer"], "eval/per_question": per_question(own)})
     return {"results": {label: {k: r[k] for k in ("questions", "correct", "accuracy", "no_answer", "pass_at_k")}
                         for label, r in results.items()}}
+
+
+def per_question(predictions: Path) -> dict[str, int]:
+    """Question id -> 1 when its first answer is correct: what paired significance tests compare."""
+    return {r["id"]: int(r["samples"][0]["correct"]) for r in read_jsonl(predictions)}

@@ -6,20 +6,23 @@ import logging
 import time
 
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from cdpo.pipeline import evaluate, sample, score, select, training
-from cdpo.pipeline.artifacts import RunPaths, changed_settings, invalidate_after, is_done, mark_done
+from cdpo.pipeline.artifacts import (RunPaths, changed_settings, invalidate_after, is_done, mark_done,
+                                     reuse_stage)
 
 STAGES = ("sample", "select", "sft_pos", "sft_neg", "score", "align", "eval")
 
 
 def _stages_for(cfg: DictConfig) -> list[str]:
     if cfg.stage == "all":
+        if cfg.method.loss == "none":  # the baseline: the base model, evaluated as it is
+            return ["eval"]
         stages = list(STAGES)
         if cfg.method.loss != "cdpo":  # only cDPO consumes the CE scores (and the negative model)
             stages = [s for s in stages if s not in ("score", "sft_neg")]
-            if "sft" not in cfg.compare:
+            if "sft" not in cfg.compare or cfg.method.name == "sft":  # then "sft" is the aligned model
                 stages.remove("sft_pos")
         return stages
     if cfg.stage not in STAGES:
@@ -38,6 +41,16 @@ RUNNERS = {
 }
 
 
+def stage_seed(cfg: DictConfig, stage: str) -> int:
+    """Shared stages are seeded by their own settings, so that every method and seed of a run_dir
+    reuses the same samples and CE models whichever job made them; align and eval by `seed`."""
+    if stage in ("sample", "select"):
+        return cfg.sample.seed
+    if stage in ("sft_pos", "sft_neg", "score"):
+        return cfg.ce.seed
+    return cfg.seed
+
+
 def _quiet_lightning() -> None:
     # Lightning's per-fit INFO lines (GPU available, tips) drown the stage summaries
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
@@ -47,8 +60,15 @@ def _quiet_lightning() -> None:
 def run_pipeline(cfg: DictConfig) -> dict:
     _quiet_lightning()
     paths = RunPaths(cfg)
+    reuse_from = cfg.get("reuse_from")
+    source = RunPaths(OmegaConf.create({"run_dir": reuse_from, "method_dir": reuse_from})) if reuse_from else None
     timings, summaries = {}, {}
     for stage in _stages_for(cfg):
+        if source is not None and not is_done(paths, stage) and reuse_stage(source, paths, stage, cfg):
+            print(f"[{stage}] reused from {source.run} (same settings)")
+            invalidate_after(paths, stage)
+            summaries[stage] = json.loads(paths.marker(stage).read_text())
+            continue
         if stage != "eval" and is_done(paths, stage):
             print(f"[{stage}] done already ({paths.marker(stage)}): skipped")
             changed = changed_settings(paths, stage, cfg)
@@ -59,7 +79,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
             summaries[stage] = json.loads(paths.marker(stage).read_text())
             continue
         print(f"[{stage}] running")
-        L.seed_everything(cfg.seed, verbose=False)
+        L.seed_everything(stage_seed(cfg, stage), verbose=False)
         t0 = time.perf_counter()
         summary = RUNNERS[stage](cfg, paths)
         timings[stage] = round(time.perf_counter() - t0, 1)

@@ -39,7 +39,7 @@ def run(cfg: DictConfig, paths: RunPaths) -> dict:
     def work(shard):
         offset = problems.index(shard[0])
         return generate_graded(cfg, model, tok, shard, n=s.n, temperature=s.temperature, top_p=s.top_p,
-                               max_new_tokens=s.max_new_tokens, seed=cfg.seed * 7919 + offset,
+                               max_new_tokens=s.max_new_tokens, seed=s.seed * 7919 + offset,
                                desc=f"sample {offset + len(shard)}/{len(problems)}", stats=stats)
 
     records = run_sharded(problems, s.shard_size, paths.shards("sample"), work, paths.trajectories,

@@ -3,7 +3,8 @@
 Per question, samples are grouped by extracted answer, most frequent first.
 - positives: top_k correct trajectories;
 - negatives: one trajectory per wrong answer, taking the most frequent wrong answers until they
-  cover top_p of the question's wrong samples (samples without an answer rank last);
+  cover top_p of the question's wrong samples (samples without an answer rank last), or with
+  negative_rule=top_k the negative_k most frequent wrong answers (the selection-rule ablation);
 - pairs: chosen = a correct trajectory, rejected = a trajectory of the most frequent wrong answer.
 """
 from __future__ import annotations
@@ -40,7 +41,15 @@ def _wrong_groups(wrong: list[dict]) -> list[tuple[str, list[dict]]]:
     return [(k, [s for s in wrong if answer_key(s["extracted"]) == k]) for k in keys]
 
 
-def select_question(record: dict, *, top_k: int, top_p: float, pairs_per_question: int = 1):
+NEGATIVE_RULES = ("top_p", "top_k")
+
+
+def select_question(record: dict, *, top_k: int, top_p: float, pairs_per_question: int = 1,
+                    negative_rule: str = "top_p", negative_k: int = 1):
+    """negative_rule top_p: the most frequent wrong answers until they cover top_p of the wrong
+    samples (the paper); top_k: the negative_k most frequent wrong answers, however many samples."""
+    if negative_rule not in NEGATIVE_RULES:
+        raise ValueError(f"select.negative_rule={negative_rule!r}: choose one of {', '.join(NEGATIVE_RULES)}")
     correct = [s for s in record["samples"] if s["correct"]]
     wrong = [s for s in record["samples"] if not s["correct"]]
     base = {"id": record["id"], "question": record["question"], "answers": record["answers"],
@@ -54,7 +63,9 @@ def select_question(record: dict, *, top_k: int, top_p: float, pairs_per_questio
     negatives, covered = [], 0
     groups = _wrong_groups(wrong)
     for _, members in groups:
-        if covered >= top_p * len(wrong):
+        if negative_rule == "top_p" and covered >= top_p * len(wrong):
+            break
+        if negative_rule == "top_k" and len(negatives) >= negative_k:
             break
         negatives.append(seq(members[0], "negative"))
         covered += len(members)
@@ -73,7 +84,9 @@ def run(cfg: DictConfig, paths: RunPaths) -> dict:
     positives, negatives, pairs = [], [], []
     for record in records:
         p, n, q = select_question(record, top_k=cfg.select.top_k, top_p=cfg.select.top_p,
-                                  pairs_per_question=cfg.select.pairs_per_question)
+                                  pairs_per_question=cfg.select.pairs_per_question,
+                                  negative_rule=cfg.select.get("negative_rule", "top_p"),
+                                  negative_k=cfg.select.get("negative_k", 1))
         positives += p
         negatives += n
         pairs += q

@@ -25,13 +25,13 @@ def _lora(peft_cfg: DictConfig) -> dict:
     return dict(r=peft_cfg.r, alpha=peft_cfg.alpha, dropout=peft_cfg.dropout, target_modules=list(peft_cfg.target_modules))
 
 
-def _data_kw(cfg: DictConfig, tok, batch_size: int) -> dict:
-    return dict(pad_id=tok.pad_token_id, batch_size=batch_size, seed=cfg.seed, max_length=cfg.data.max_length,
+def _data_kw(cfg: DictConfig, tok, batch_size: int, seed: int) -> dict:
+    return dict(pad_id=tok.pad_token_id, batch_size=batch_size, seed=seed, max_length=cfg.data.max_length,
                 max_prompt_length=cfg.data.max_prompt_length)
 
 
-def _fit(cfg, name, module, datamodule, *, epochs, grad_accum=1) -> dict:
-    trainer = context.make_trainer(cfg, name, epochs=epochs, grad_accum=grad_accum)
+def _fit(cfg, name, module, datamodule, *, epochs, grad_accum=1, history=None) -> dict:
+    trainer = context.make_trainer(cfg, name, epochs=epochs, grad_accum=grad_accum, history=history)
     t0 = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule)
@@ -53,8 +53,8 @@ def train_sft(cfg: DictConfig, paths: RunPaths, *, which: str) -> dict:
     ce = cfg.ce
     module = SFTModule(model, lr=ce.lr, weight_decay=ce.weight_decay, warmup_ratio=ce.warmup_ratio,
                        loss_impl=cfg.loss_impl)
-    summary = _fit(cfg, f"sft_{which}", module, SequencesDataModule(records, **_data_kw(cfg, tok, ce.batch_size)),
-                   epochs=ce.epochs)
+    summary = _fit(cfg, f"sft_{which}", module,
+                   SequencesDataModule(records, **_data_kw(cfg, tok, ce.batch_size, ce.seed)), epochs=ce.epochs)
     save_adapter(model, which, paths.pos_adapter if which == "pos" else paths.neg_adapter)
     return {**summary, **model_summary(model)}
 
@@ -95,12 +95,25 @@ def _ref_key(cfg: DictConfig, pair: dict) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
+def preference_module(cfg: DictConfig, policy) -> PreferenceModule:
+    """The preference loss `method=...` asks for, with its settings (beta, alpha, chosen weights ...)."""
+    method, a = cfg.method, cfg.align
+    return PreferenceModule(
+        policy, method=method.loss, beta=method.beta, label_smoothing=method.get("label_smoothing", 0.0),
+        rpo_alpha=method.get("alpha", 1.0) if method.loss == "rpo" else 1.0,
+        tdpo_alpha=method.get("alpha", 0.5) if method.loss == "tokendpo" else 0.5,
+        tdpo_variant=method.get("variant", 2), chosen_weighting=method.get("chosen_weighting", "only_neg"),
+        lr=a.lr, weight_decay=a.weight_decay, warmup_ratio=a.warmup_ratio, loss_impl=cfg.loss_impl)
+
+
 def train_align(cfg: DictConfig, paths: RunPaths) -> dict:
     method = cfg.method
+    if method.loss == "none":
+        raise ValueError(f"method={method.name} trains nothing: it has no align stage (run stage=eval or all)")
     tok = context.tokenizer(cfg)
     a = cfg.align
     policy = add_lora(context.base_model(cfg, for_training=True), "policy", **_lora(cfg.peft))
-    kw = _data_kw(cfg, tok, a.batch_size)
+    kw = _data_kw(cfg, tok, a.batch_size, cfg.seed)
     if method.loss == "sft":
         module = SFTModule(policy, lr=a.lr, weight_decay=a.weight_decay, warmup_ratio=a.warmup_ratio,
                            loss_impl=cfg.loss_impl)
@@ -111,13 +124,9 @@ def train_align(cfg: DictConfig, paths: RunPaths) -> dict:
         if with_ref:
             for pair, ref in zip(pairs, reference_logps(cfg, paths, pairs, tok, policy)):
                 pair.update(ref_chosen=ref["ref_chosen"], ref_rejected=ref["ref_rejected"])
-        module = PreferenceModule(
-            policy, method=method.loss, beta=method.beta, label_smoothing=method.get("label_smoothing", 0.0),
-            rpo_alpha=method.get("alpha", 1.0) if method.loss == "rpo" else 1.0,
-            tdpo_alpha=method.get("alpha", 0.5) if method.loss == "tokendpo" else 0.5,
-            tdpo_variant=method.get("variant", 2), chosen_weighting=method.get("chosen_weighting", "only_neg"),
-            lr=a.lr, weight_decay=a.weight_decay, warmup_ratio=a.warmup_ratio, loss_impl=cfg.loss_impl)
+        module = preference_module(cfg, policy)
         dm = PairsDataModule(pairs, with_weights=method.loss == "cdpo", with_ref=with_ref, **kw)
-    summary = _fit(cfg, f"align_{method.name}_seed{cfg.seed}", module, dm, epochs=a.epochs, grad_accum=a.grad_accum)
+    summary = _fit(cfg, f"align_{method.name}_seed{cfg.seed}", module, dm, epochs=a.epochs, grad_accum=a.grad_accum,
+                   history=paths.history)
     save_adapter(policy, "policy", paths.aligned_adapter)
     return {**summary, **model_summary(policy)}

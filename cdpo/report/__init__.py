@@ -1,0 +1,51 @@
+"""Table 1 from finished runs: Markdown and CSV tables with paired significance tests, and the
+training-curve plot (Figure 6). `python report.py runs=[runs/...]`; `build_report(...)` in code."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from cdpo.report.collect import Result, collect_local, collect_wandb, merge, wandb_online
+from cdpo.report.plots import mean_curves, plot_logps
+from cdpo.report.table import DATA_NAMES, MODEL_NAMES, Table, row_label
+
+__all__ = ["Result", "Table", "build_report", "collect_local", "collect_wandb", "merge"]
+
+
+def build_report(runs: list[str], out: str | Path, *, rows: str = "method.name", reference: str = "cdpo",
+                 test: str = "bootstrap", alpha: float = 0.005, resamples: int = 10_000, wandb: str | bool = "auto",
+                 wandb_path: str = "cdpo", api=None) -> dict:
+    """Collect, tabulate, test, plot; write <out>.md, <out>.csv and <out>-<model>-<data>-logps.png."""
+    results = collect_local(runs, rows) if runs else []
+    if wandb not in ("auto", True, False):
+        raise ValueError(f"wandb={wandb!r}: choose auto, true or false")
+    use_wandb = wandb is True or (wandb == "auto" and (api is not None or wandb_online()))
+    if use_wandb:
+        if api is None:
+            import wandb as wandb_lib
+
+            api = wandb_lib.Api()
+        results = merge(results, collect_wandb(api, wandb_path, rows))
+    table = Table(results, rows_key=rows, reference=reference, test=test, alpha=alpha, resamples=resamples)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figures = []
+    for model, data in table.columns:
+        curves = {row_label(row, rows): mean_curves(table.by_cell.get(((model, data), row), [])) for row in table.rows}
+        title = f"{MODEL_NAMES.get(model, model)} on {DATA_NAMES.get(data, data)}: chosen (solid), rejected (dashed)"
+        fig = plot_logps(curves, title, out.parent / f"{out.name}-{model}-{data}-logps.png")
+        if fig:
+            figures.append(fig)
+    sources = sorted({"wandb" if r.source.startswith("wandb:") else "run directories" for r in results})
+    md = "\n".join([
+        table.markdown(), f"{len(results)} runs, read from {' and '.join(sources)}.", "",
+        f"Each row against {row_label(reference, rows, short=True)} on the questions both answered: Δ in "
+        f"accuracy points with a 95 % paired-bootstrap interval ({resamples} resamples of the questions; with "
+        f"several seeds a question scores the fraction of seeds that solved it), and McNemar's exact test per "
+        f"seed (matched by seed number), of which the largest p is shown:", "", table.significance_markdown(),
+        *(f"![{f.stem}: chosen (solid) and rejected (dashed) log-probs during training]({f.name})\n"
+          for f in figures)])
+    md_path, csv_path = out.parent / f"{out.name}.md", out.parent / f"{out.name}.csv"
+    md_path.write_text(md)
+    csv_path.write_text(table.csv())
+    return {"markdown": md, "table": table, "figures": figures, "results": results,
+            "files": [md_path, csv_path, *figures]}

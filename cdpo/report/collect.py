@@ -1,0 +1,125 @@
+"""Results of finished runs: from run directories, and from wandb when it is online.
+
+A result is one method (or ablation value) and seed evaluated on one model x data set: its accuracy,
+its per-question correctness (for the paired tests) and its training curves (for the plot). Local
+files are read from `<method_dir>/eval.json` (+ `eval.jsonl`, `metrics.jsonl`); wandb runs fill in
+what no run directory holds.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from cdpo.io import DataError, iter_jsonl, read_jsonl
+
+CURVES = ("logps/chosen", "logps/rejected")  # the paper's Figure 6
+
+
+@dataclass
+class Result:
+    model: str
+    data: str
+    row: str                                   # the value of the report's `rows` key, e.g. the method name
+    seed: int
+    accuracy: float
+    questions: int
+    correct: dict[str, int] | None = None      # question id -> 1 if its (first) answer is right
+    history: list[dict] = field(default_factory=list)  # logged training metrics, one dict per step
+    source: str = ""
+
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        return self.model, self.data, self.row, self.seed
+
+
+def select(config: dict, dotted: str) -> Any:
+    """config["a"]["b"] for "a.b" (a flat "a.b" key also counts: wandb may store configs flat)."""
+    if dotted in config:
+        return config[dotted]
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _identity(config: dict, rows: str, where: str) -> tuple[str, str, str, int]:
+    values = {k: select(config, k) for k in ("model.name", "data.name", rows, "seed")}
+    missing = [k for k, v in values.items() if v is None]
+    if missing:
+        raise DataError(f"{where}: its config has no {', '.join(missing)}")
+    return values["model.name"], values["data.name"], str(values[rows]), int(values["seed"])
+
+
+def _history(path: Path) -> list[dict]:
+    return [r for _, r in iter_jsonl(path)] if path.exists() else []
+
+
+def collect_local(roots: Iterable[str | os.PathLike], rows: str = "method.name") -> list[Result]:
+    """Every `eval.json` of a method dir under `roots` (run dirs or folders holding them)."""
+    import json
+
+    results: dict[tuple, Result] = {}
+    for root in roots:
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(f"{root}: no such run directory")
+        for path in sorted(root.rglob("eval.json")):
+            summary = json.loads(path.read_text())
+            model, data, row, seed = _identity(summary.get("config") or {}, rows, str(path))
+            predictions = path.with_suffix(".jsonl")
+            correct = ({r["id"]: int(r["samples"][0]["correct"]) for r in read_jsonl(predictions)}
+                       if predictions.exists() else None)
+            result = Result(model, data, row, seed, summary["accuracy"], summary["questions"], correct,
+                            _history(path.parent / "metrics.jsonl"), str(path.parent))
+            _add(results, result)
+    return list(results.values())
+
+
+def _add(results: dict, result: Result) -> None:
+    other = results.get(result.key)
+    if other is not None:
+        raise DataError(f"two results for {result.model} / {result.data} / {result.row} / seed {result.seed}: "
+                        f"{other.source} and {result.source}. Point runs= at one of them, or set rows= to the "
+                        "setting that tells them apart (e.g. rows=ce.b for an ablation)")
+    results[result.key] = result
+
+
+def wandb_online() -> bool:
+    return bool(os.environ.get("WANDB_API_KEY")) and os.environ.get("WANDB_MODE", "online") not in (
+        "offline", "disabled", "dryrun")
+
+
+def collect_wandb(api, path: str, rows: str = "method.name") -> list[Result]:
+    """Results logged to wandb project `path` ("entity/project" or "project"): the eval stage's runs
+    (job_type "eval": eval/accuracy, eval/questions, eval/per_question) and the align runs' curves.
+    `api` is a `wandb.Api()` (or anything with the same `runs`)."""
+    evals: dict[tuple, Result] = {}
+    curves: dict[tuple, list[dict]] = {}
+    for run in api.runs(path):  # newest first: a rerun's result wins
+        job = run.job_type or ""
+        if job != "eval" and not job.startswith("align_"):
+            continue
+        config = dict(run.config)
+        key = _identity(config, rows, f"wandb run {path}/{run.id}")
+        if job == "eval" and key not in evals:
+            s = run.summary
+            per_question = s.get("eval/per_question")
+            evals[key] = Result(*key, accuracy=float(s["eval/accuracy"]), questions=int(s["eval/questions"]),
+                                correct={str(k): int(v) for k, v in dict(per_question).items()} if per_question else None,
+                                source=f"wandb:{path}/{run.id}")
+        elif job.startswith("align_") and key not in curves:
+            curves[key] = [{"step": r.get("trainer/global_step", r.get("_step")), **{k: r[k] for k in CURVES if k in r}}
+                           for r in run.scan_history(keys=["trainer/global_step", *CURVES])]
+    for key, result in evals.items():
+        result.history = curves.get(key, [])
+    return list(evals.values())
+
+
+def merge(local: list[Result], remote: list[Result]) -> list[Result]:
+    """Local results, plus the remote ones for which no run directory was found."""
+    have = {r.key for r in local}
+    return [*local, *(r for r in remote if r.key not in have)]

@@ -1,0 +1,191 @@
+"""Table 1's layout: one row per method (or ablation value), one column per model x data set grouped
+by data set with an average per group; cells are mean ± std over seeds. Every row is tested
+against the reference row (cDPO by default) on the questions both answered."""
+from __future__ import annotations
+
+import csv
+import io
+from collections import defaultdict
+from statistics import mean
+
+from cdpo.report.collect import Result
+from cdpo.report.stats import mcnemar_exact, mean_std, paired_bootstrap
+
+MODEL_NAMES = {"llama3_8b": "Llama-3 8B", "llama3_70b": "Llama-3 70B", "deepseek_math_7b": "DeepSeek-math 7B",
+               "smollm2_135m": "SmolLM2 135M", "tiny": "tiny"}
+DATA_NAMES = {"gsm8k": "GSM8K", "math500": "MATH500", "arith": "arith"}
+METHOD_NAMES = {"baseline": "Baseline", "sft": "+ SFT", "dpo": "+ DPO", "tokendpo": "+ TokenDPO", "rpo": "+ RPO",
+                "cdpo": "+ cDPO"}
+
+
+def _order(names, preferred) -> list:
+    known = [n for n in preferred if n in names]
+    return known + sorted(n for n in names if n not in preferred)
+
+
+def _row_order(rows: set[str], rows_key: str) -> list[str]:
+    if rows_key == "method.name":
+        return _order(rows, list(METHOD_NAMES))
+    try:  # ablation values: numbers in numeric order
+        return sorted(rows, key=float)
+    except ValueError:
+        return sorted(rows)
+
+
+def row_label(row: str, rows_key: str, short: bool = False) -> str:
+    """"+ cDPO" in the table, "cDPO" in prose (short); "ce.b=0.5" for an ablation."""
+    if rows_key != "method.name":
+        return f"{rows_key}={row}"
+    label = METHOD_NAMES.get(row, row)
+    return label.removeprefix("+ ") if short else label
+
+
+class Table:
+    """Cells, averages and significance tests of a list of results."""
+
+    def __init__(self, results: list[Result], *, rows_key: str = "method.name", reference: str = "cdpo",
+                 test: str = "bootstrap", alpha: float = 0.005, resamples: int = 10_000, seed: int = 0):
+        if test not in ("bootstrap", "mcnemar"):
+            raise ValueError(f"test={test!r}: choose bootstrap or mcnemar")
+        if not results:
+            raise ValueError("no results to report")
+        self.rows_key, self.reference, self.test, self.alpha = rows_key, reference, test, alpha
+        self.by_cell: dict[tuple, list[Result]] = defaultdict(list)
+        for r in results:
+            self.by_cell[((r.model, r.data), r.row)].append(r)
+        for cell in self.by_cell.values():
+            cell.sort(key=lambda r: r.seed)
+        datas = _order({r.data for r in results}, list(DATA_NAMES))
+        models = _order({r.model for r in results}, list(MODEL_NAMES))
+        self.groups = [(d, [(m, d) for m in models if any(c == (m, d) for c, _ in self.by_cell)]) for d in datas]
+        self.columns = [c for _, cols in self.groups for c in cols]
+        self.rows = _row_order({r.row for r in results}, rows_key)
+        self.tests = {(col, row): self._compare(col, row, resamples, seed)
+                      for col in self.columns for row in self.rows
+                      if row != reference and self.by_cell.get((col, reference)) and self.by_cell.get((col, row))}
+
+    # --- cells -------------------------------------------------------------------------------
+    def cell(self, col, row) -> dict | None:
+        results = self.by_cell.get((col, row))
+        if not results:
+            return None
+        accs = [100 * r.accuracy for r in results]
+        m, s = mean_std(accs)
+        return {"mean": m, "std": s, "seeds": [r.seed for r in results], "accuracies": accs}
+
+    def average(self, cols, row) -> dict | None:
+        """Mean over the group's columns; ± over seeds when every column has the same seeds."""
+        cells = [self.cell(c, row) for c in cols]
+        if len(cols) < 2 or any(c is None for c in cells):
+            return None
+        seeds = cells[0]["seeds"]
+        if all(c["seeds"] == seeds for c in cells):
+            per_seed = [mean(c["accuracies"][i] for c in cells) for i in range(len(seeds))]
+            m, s = mean_std(per_seed)
+            return {"mean": m, "std": s, "seeds": seeds, "accuracies": per_seed}
+        return {"mean": mean(c["mean"] for c in cells), "std": None, "seeds": [], "accuracies": []}
+
+    # --- significance ------------------------------------------------------------------------
+    def _compare(self, col, row, resamples, seed) -> dict | None:
+        ref, other = self.by_cell[(col, self.reference)], self.by_cell[(col, row)]
+        if any(r.correct is None for r in ref + other):
+            return None  # a result without per-question predictions
+        questions = sorted(set.intersection(*(set(r.correct) for r in ref + other)))
+        if not questions:
+            return None
+
+        def score(results):  # per question: the fraction of seeds that solved it
+            return [mean(r.correct[q] for r in results) for q in questions]
+
+        boot = paired_bootstrap(score(ref), score(other), resamples=resamples, seed=seed)
+        # McNemar needs one binary outcome per question and method: test each seed (matched by seed,
+        # or every combination when the two share none) and keep the least significant
+        pairs = [(x, y) for x in ref for y in other if x.seed == y.seed] or [(x, y) for x in ref for y in other]
+        mc = max((mcnemar_exact([x.correct[q] for q in questions], [y.correct[q] for q in questions])
+                  for x, y in pairs), key=lambda m: m["p"])
+        return {"questions": len(questions), "delta": 100 * boot["delta"], "ci_low": 100 * boot["ci_low"],
+                "ci_high": 100 * boot["ci_high"], "p_bootstrap": boot["p"], "p_mcnemar": mc["p"],
+                "ref_only": mc["n10"], "other_only": mc["n01"]}
+
+    def p(self, col, row) -> float | None:
+        t = self.tests.get((col, row))
+        return None if t is None else t["p_bootstrap" if self.test == "bootstrap" else "p_mcnemar"]
+
+    def significant(self, col) -> bool:
+        """The reference beats every other row of the column with p < alpha."""
+        others = [row for row in self.rows if row != self.reference and (col, row) in self.tests]
+        return bool(others) and all(self.tests[(col, row)] is not None and self.tests[(col, row)]["delta"] > 0
+                                    and self.p(col, row) < self.alpha for row in others)
+
+    # --- output ------------------------------------------------------------------------------
+    def _header(self) -> list[tuple[str, object]]:
+        """(title, column or ('avg', columns)) in display order."""
+        out = []
+        for data, cols in self.groups:
+            out += [(f"{DATA_NAMES.get(data, data)} {MODEL_NAMES.get(m, m)}", (m, d)) for m, d in cols]
+            if len(cols) > 1:
+                out.append((f"{DATA_NAMES.get(data, data)} Avg.", ("avg", tuple(cols))))
+        return out
+
+    def _value(self, spec, row):
+        return self.average(spec[1], row) if spec[0] == "avg" else self.cell(spec, row)
+
+    def markdown(self) -> str:
+        header = self._header()
+        seeds = [len(c["seeds"]) for col in self.columns for row in self.rows if (c := self.cell(col, row))]
+        usual = max(set(seeds), key=lambda k: (seeds.count(k), k))  # the most common seed count
+        lines = ["| " + " | ".join([self._row_title(), *(t for t, _ in header)]) + " |",
+                 "|---" * (len(header) + 1) + "|"]
+        for row in self.rows:
+            cells = []
+            for _, spec in header:
+                v = self._value(spec, row)
+                text = "" if v is None else f"{v['mean']:.1f}" + ("" if v["std"] is None else f" ± {v['std']:.1f}")
+                if v is not None and spec[0] != "avg" and len(v["seeds"]) != usual:
+                    text += f" (n={len(v['seeds'])})"
+                if v is not None and spec[0] != "avg" and row == self.reference and self.significant(spec):
+                    text += "*"
+                cells.append(text)
+            lines.append("| " + " | ".join([row_label(row, self.rows_key), *cells]) + " |")
+        test = "paired bootstrap over questions" if self.test == "bootstrap" else "McNemar's exact test"
+        lines += ["", f"Accuracy (%), mean ± sample std over {usual} seed(s) (n=k: k seeds in that cell). "
+                  f"\\* {row_label(self.reference, self.rows_key, short=True)} is better than every other row of the column "
+                  f"with p < {self.alpha:g} ({test})."]
+        return "\n".join(lines) + "\n"
+
+    def _row_title(self) -> str:
+        return "Method" if self.rows_key == "method.name" else self.rows_key
+
+    def significance_markdown(self) -> str:
+        ref = row_label(self.reference, self.rows_key, short=True)
+        lines = [f"| column | {ref} vs | Δ (points) | 95 % CI | p, paired bootstrap | p, McNemar exact (worst seed) | "
+                 f"only {ref} right / only other right (that seed) | questions |", "|---|---|---|---|---|---|---|---|"]
+        for (col, row), t in self.tests.items():
+            title = f"{DATA_NAMES.get(col[1], col[1])} {MODEL_NAMES.get(col[0], col[0])}"
+            if t is None:
+                lines.append(f"| {title} | {row_label(row, self.rows_key)} | no per-question predictions | | | | | |")
+                continue
+            lines.append(f"| {title} | {row_label(row, self.rows_key)} | {t['delta']:+.1f} | "
+                         f"[{t['ci_low']:+.1f}, {t['ci_high']:+.1f}] | {t['p_bootstrap']:.4g} | {t['p_mcnemar']:.4g} | "
+                         f"{t['ref_only']} / {t['other_only']} | {t['questions']} |")
+        return "\n".join(lines) + "\n"
+
+    def csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["model", "data", self.rows_key, "n_seeds", "seeds", "accuracies", "mean", "std",
+                    f"{self.reference}_minus_row", "ci_low", "ci_high", "p_bootstrap", "p_mcnemar", "questions"])
+        for title, spec in self._header():
+            for row in self.rows:
+                v = self._value(spec, row)
+                if v is None:
+                    continue
+                model, data = ("Avg.", spec[1][0][1]) if spec[0] == "avg" else spec
+                t = self.tests.get((spec, row)) if spec[0] != "avg" else None
+                w.writerow([model, data, row, len(v["seeds"]), ";".join(map(str, v["seeds"])),
+                            ";".join(f"{a:.2f}" for a in v["accuracies"]), f"{v['mean']:.2f}",
+                            "" if v["std"] is None else f"{v['std']:.2f}",
+                            *(["", "", "", "", "", ""] if t is None else
+                              [f"{t['delta']:.2f}", f"{t['ci_low']:.2f}", f"{t['ci_high']:.2f}",
+                               f"{t['p_bootstrap']:.4g}", f"{t['p_mcnemar']:.4g}", t["questions"]])])
+        return buf.getvalue()

@@ -1,0 +1,210 @@
+"""The report: significance tests against scipy and naive formulas, Table 1's layout, collection from
+run directories and from a (fake) wandb API, and the files it writes."""
+import csv
+import io
+import json
+import math
+from statistics import mean, stdev
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from cdpo.io import DataError, write_json, write_jsonl
+from cdpo.report import Result, Table, build_report, collect_local, collect_wandb
+from cdpo.report.stats import mcnemar_exact, paired_bootstrap
+
+
+# --- statistics ----------------------------------------------------------------------------------
+def test_mcnemar_matches_scipy_binomtest_and_a_hand_count():
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        n = int(rng.integers(5, 300))
+        a, b = rng.random(n) < rng.uniform(0.2, 0.8), rng.random(n) < rng.uniform(0.2, 0.8)
+        r = mcnemar_exact(a, b)
+        assert r["n10"] == int((a & ~b).sum()) and r["n01"] == int((~a & b).sum())
+        if r["n10"] + r["n01"]:
+            expected = sps.binomtest(r["n10"], r["n10"] + r["n01"], 0.5).pvalue
+            assert r["p"] == pytest.approx(expected, rel=1e-9, abs=1e-15), trial
+    # six questions only `a` solved, none only `b`: p = 2 * 0.5**6
+    assert mcnemar_exact([1] * 6 + [0] * 4, [0] * 6 + [0] * 4)["p"] == pytest.approx(2 / 64)
+    assert mcnemar_exact([1, 0, 1], [1, 0, 1])["p"] == 1.0  # no discordant question
+    with pytest.raises(ValueError, match="different lengths"):
+        mcnemar_exact([1], [1, 0])
+
+
+def test_paired_bootstrap_agrees_with_scipy_and_the_normal_approximation():
+    rng = np.random.default_rng(1)
+    n = 400
+    b = (rng.random(n) < 0.5).astype(float)
+    a = np.where(rng.random(n) < 0.12, 1.0, b)  # a = b with ~6 % of questions flipped to correct
+    r = paired_bootstrap(a, b, resamples=20_000, seed=3)
+    d = a - b
+    assert r["delta"] == pytest.approx(d.mean())
+    ref = sps.bootstrap((a, b), lambda x, y, axis=-1: (x - y).mean(axis=axis), paired=True, vectorized=True,
+                        n_resamples=20_000, method="percentile", random_state=np.random.default_rng(4))
+    assert r["ci_low"] == pytest.approx(ref.confidence_interval.low, abs=0.006)
+    assert r["ci_high"] == pytest.approx(ref.confidence_interval.high, abs=0.006)
+    se = d.std() / math.sqrt(n)  # the bootstrap's standard error is the plug-in one
+    assert r["p"] == pytest.approx(2 * sps.norm.sf(abs(d.mean()) / se), abs=0.01)
+    assert 0 < r["p"] < 0.05 and r["ci_low"] > 0
+    # identical systems: no difference at all; a sweeping win: the smallest p the resamples resolve
+    same = paired_bootstrap(b, b, resamples=500)
+    assert (same["delta"], same["p"]) == (0.0, 1.0)
+    assert paired_bootstrap(np.ones(50), np.zeros(50), resamples=999)["p"] == pytest.approx(2 / 1000)
+
+
+# --- fake finished runs --------------------------------------------------------------------------
+def _write_run(root, model, data, method, seed, correct, *, curve=None, **cfg_extra):
+    method_dir = root / f"{model}-{data}" / f"{method}-seed{seed}"
+    config = {"model": {"name": model}, "data": {"name": data}, "method": {"name": method}, "seed": seed, **cfg_extra}
+    write_json(method_dir / "eval.json", {"accuracy": mean(correct), "questions": len(correct), "correct": sum(correct),
+                                          "config": config})
+    write_jsonl(method_dir / "eval.jsonl", [{"id": f"q{i}", "samples": [{"correct": bool(c)}]}
+                                            for i, c in enumerate(correct)])
+    if curve is not None:
+        write_jsonl(method_dir / "metrics.jsonl", [{"step": s, "logps/chosen": c, "logps/rejected": r, "loss": 0.5}
+                                                   for s, (c, r) in enumerate(curve)])
+    return method_dir
+
+
+def _grid(tmp_path, n=60):
+    """Two models x two data sets; cDPO solves every question, DPO 2/3 of them, the baseline half."""
+    root = tmp_path / "runs"
+    for model in ("deepseek_math_7b", "llama3_8b"):
+        for data in ("math500", "gsm8k"):
+            for seed in (0, 1, 2):
+                _write_run(root, model, data, "baseline", seed, [i % 2 for i in range(n)])
+                _write_run(root, model, data, "dpo", seed, [int((i + seed) % 3 != 0) for i in range(n)],
+                           curve=[(-10.0, -12.0), (-10.5, -13.0)])
+                _write_run(root, model, data, "cdpo", seed, [1] * (n - seed) + [0] * seed,
+                           curve=[(-10.0, -12.0), (-9.5, -15.0)])
+    return root
+
+
+def test_table_layout_cells_averages_and_tests(tmp_path):
+    results = collect_local([_grid(tmp_path)])
+    assert len(results) == 36
+    table = Table(results, resamples=2000)
+    md = table.markdown()
+    header = md.splitlines()[0]
+    assert header == ("| Method | GSM8K Llama-3 8B | GSM8K DeepSeek-math 7B | GSM8K Avg. | MATH500 Llama-3 8B | "
+                      "MATH500 DeepSeek-math 7B | MATH500 Avg. |")  # the paper's column order
+    rows = [line.split(" | ")[0].lstrip("| ") for line in md.splitlines()[2:5]]
+    assert rows == ["Baseline", "+ DPO", "+ cDPO"]
+    cdpo_accs = [100 * (60 - s) / 60 for s in (0, 1, 2)]
+    cell = table.cell(("llama3_8b", "gsm8k"), "cdpo")
+    assert cell["mean"] == pytest.approx(mean(cdpo_accs)) and cell["std"] == pytest.approx(stdev(cdpo_accs))
+    assert f"{mean(cdpo_accs):.1f} ± {stdev(cdpo_accs):.1f}*" in md  # significant against every row
+    assert table.cell(("llama3_8b", "gsm8k"), "baseline")["std"] == 0.0
+    avg = table.average(table.groups[0][1], "dpo")
+    assert avg["mean"] == pytest.approx(mean(table.cell(c, "dpo")["mean"] for c in table.groups[0][1]))
+
+    t = table.tests[(("llama3_8b", "gsm8k"), "baseline")]
+    ids = [f"q{i}" for i in range(60)]
+    ref = [mean(r.correct[q] for r in table.by_cell[(("llama3_8b", "gsm8k"), "cdpo")]) for q in ids]
+    assert t["delta"] == pytest.approx(100 * (mean(ref) - 0.5))
+    assert t["p_bootstrap"] < 0.005 and t["questions"] == 60
+    # McNemar seed by seed, the largest p: seed 2 (cDPO misses two questions the baseline solves)
+    per_seed = [sps.binomtest(sum(c and not b for c, b in zip(cd, bl)), sum(c != b for c, b in zip(cd, bl))).pvalue
+                for cd, bl in (([1] * (60 - s) + [0] * s, [i % 2 for i in range(60)]) for s in (0, 1, 2))]
+    assert t["p_mcnemar"] == pytest.approx(max(per_seed)) and (t["ref_only"], t["other_only"]) == (29, 1)
+    assert table.tests[(("llama3_8b", "gsm8k"), "dpo")]["p_mcnemar"] < 1e-4  # DPO fails a third in every seed
+
+    rows = list(csv.DictReader(io.StringIO(table.csv())))
+    assert len(rows) == 3 * 4 + 3 * 2  # every cell and every group average
+    dpo = next(r for r in rows if (r["model"], r["data"], r["method.name"]) == ("llama3_8b", "gsm8k", "dpo"))
+    assert dpo["n_seeds"] == "3" and dpo["seeds"] == "0;1;2" and float(dpo["cdpo_minus_row"]) > 0
+
+
+def test_no_star_without_significance_and_unequal_seed_counts(tmp_path):
+    root = tmp_path / "runs"
+    _write_run(root, "smollm2_135m", "arith", "cdpo", 0, [1, 0, 1, 0])
+    _write_run(root, "smollm2_135m", "arith", "dpo", 0, [1, 0, 0, 0])
+    _write_run(root, "smollm2_135m", "arith", "dpo", 1, [1, 1, 0, 0])
+    md = Table(collect_local([root]), resamples=500).markdown()
+    assert "| + cDPO | 50.0 (n=1) |" in md and "*" not in md.split("\n\n")[0]
+    assert "| + DPO | 37.5 ± 17.7 |" in md
+
+
+def test_collect_local_refuses_ambiguous_results_and_names_them(tmp_path):
+    root = tmp_path / "runs"
+    _write_run(root, "smollm2_135m", "arith", "cdpo", 0, [1, 0], ce={"b": 1.0})
+    _write_run(root / "ablations", "smollm2_135m", "arith", "cdpo", 0, [1, 1], ce={"b": 2.0})
+    with pytest.raises(DataError, match="two results for smollm2_135m / arith / cdpo / seed 0.*rows=ce.b"):
+        collect_local([root])
+    by_b = {r.row: r.accuracy for r in collect_local([root], rows="ce.b")}
+    assert by_b == {"1.0": 0.5, "2.0": 1.0}
+    with pytest.raises(FileNotFoundError, match="no such run directory"):
+        collect_local([tmp_path / "missing"])
+
+
+# --- wandb ----------------------------------------------------------------------------------------
+class FakeRun:
+    def __init__(self, id, job_type, config, summary=None, history=()):
+        self.id, self.job_type, self.config, self.summary, self._history = id, job_type, config, summary or {}, history
+
+    def scan_history(self, keys=None):
+        return [r for r in self._history if all(k in r for k in keys)]
+
+
+class FakeApi:
+    def __init__(self, runs):
+        self._runs, self.paths = runs, []
+
+    def runs(self, path):
+        self.paths.append(path)
+        return list(self._runs)
+
+
+def _wandb_runs():
+    def cfg(method, seed):
+        return {"model": {"name": "llama3_8b"}, "data": {"name": "gsm8k"}, "method": {"name": method}, "seed": seed}
+
+    runs = []
+    for seed in (0, 1):
+        for method, correct in (("dpo", [1, 0, 0, 1]), ("cdpo", [1, 1, 1, 1])):
+            runs.append(FakeRun(f"e-{method}{seed}", "eval", cfg(method, seed), {
+                "eval/accuracy": mean(correct), "eval/questions": 4,
+                "eval/per_question": {f"q{i}": c for i, c in enumerate(correct)}}))
+            runs.append(FakeRun(f"a-{method}{seed}", f"align_{method}_seed{seed}", cfg(method, seed), history=[
+                {"trainer/global_step": s, "_step": s, "logps/chosen": -10.0 + s, "logps/rejected": -12.0 - s}
+                for s in range(3)]))
+    runs.append(FakeRun("old", "eval", cfg("cdpo", 0), {"eval/accuracy": 0.0, "eval/questions": 4}))  # older rerun
+    runs.append(FakeRun("s", "sft_pos", cfg("cdpo", 0)))  # other stages are ignored
+    return runs
+
+
+def test_wandb_results_fill_in_what_run_dirs_lack(tmp_path, monkeypatch):
+    api = FakeApi(_wandb_runs())
+    remote = collect_wandb(api, "team/cdpo")
+    assert api.paths == ["team/cdpo"]
+    by_key = {r.key: r for r in remote}
+    assert by_key[("llama3_8b", "gsm8k", "cdpo", 0)].accuracy == 1.0  # the newest run of a key wins
+    assert by_key[("llama3_8b", "gsm8k", "dpo", 1)].correct == {"q0": 1, "q1": 0, "q2": 0, "q3": 1}
+    assert [h["step"] for h in by_key[("llama3_8b", "gsm8k", "dpo", 0)].history] == [0, 1, 2]
+
+    root = tmp_path / "runs"
+    _write_run(root, "llama3_8b", "gsm8k", "dpo", 0, [0, 0, 0, 0])  # a run dir overrides wandb's dpo seed 0
+    report = build_report([root], tmp_path / "out" / "t", api=FakeApi(_wandb_runs()), resamples=200)
+    table = report["table"]
+    assert table.cell(("llama3_8b", "gsm8k"), "dpo")["accuracies"] == [0.0, 50.0]
+    assert "run directories and wandb" in report["markdown"]
+    assert [f.name for f in report["figures"]] == ["t-llama3_8b-gsm8k-logps.png"]
+
+    # offline (no API key): wandb is not asked; wandb=False never
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert len(build_report([root], tmp_path / "o2", resamples=100)["results"]) == 1
+    assert len(build_report([root], tmp_path / "o3", wandb=False, api=FakeApi(_wandb_runs()))["results"]) == 1
+
+
+def test_build_report_writes_markdown_csv_and_the_figure(tmp_path):
+    report = build_report([_grid(tmp_path)], tmp_path / "reports" / "table1", resamples=300)
+    md, csv_text = ((tmp_path / "reports" / f"table1.{ext}").read_text() for ext in ("md", "csv"))
+    assert md == report["markdown"] and "| Method | GSM8K Llama-3 8B |" in md and "p, McNemar exact" in md
+    assert csv_text.startswith("model,data,method.name,n_seeds")
+    assert len(report["figures"]) == 4  # one per model x data set
+    for fig in report["figures"]:
+        assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({fig.name})" in md
+    with pytest.raises(ValueError, match="wandb="):
+        build_report([_grid(tmp_path / "again")], tmp_path / "x", wandb="sometimes")

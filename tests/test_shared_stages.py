@@ -1,0 +1,162 @@
+"""What the Table-1 grid and the ablations rely on: shared stages independent of the method seed,
+the baseline method, reusing finished stages from another run_dir, the negative-selection rule and
+chosen-weights switches that change what is trained, eval results in wandb."""
+import json
+import os
+
+import pytest
+import torch
+from test_modules import _pairs, _policy
+from test_pipeline import _cfg, _inject_correct_samples
+
+from cdpo.data.collate import collate_pairs
+from cdpo.io import read_jsonl, write_jsonl
+from cdpo.models import load_tokenizer
+from cdpo.pipeline import context, run_pipeline
+from cdpo.pipeline import select as select_stage
+from cdpo.pipeline.artifacts import RunPaths
+from cdpo.pipeline.select import select_question
+from cdpo.pipeline.training import preference_module
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("embedded:smollm2-135m-instruct")
+
+
+def _prepared(run, tok, *overrides):
+    """Samples with correct and wrong answers (a random tiny model has none) and a selection."""
+    run_pipeline(_cfg(run, "stage=sample", *overrides))
+    _inject_correct_samples(RunPaths(_cfg(run, *overrides)), tok)
+    run_pipeline(_cfg(run, "stage=select", *overrides))
+
+
+def _bytes(path):
+    return (path / "adapter_model.safetensors").read_bytes()
+
+
+def test_shared_stages_do_not_depend_on_the_method_seed(tmp_path, tok):
+    for seed in (0, 1):
+        run = tmp_path / f"seed{seed}"
+        run_pipeline(_cfg(run, "stage=sample", f"seed={seed}"))
+        _inject_correct_samples(RunPaths(_cfg(run)), tok)
+        for stage in ("select", "sft_pos"):
+            run_pipeline(_cfg(run, f"stage={stage}", f"seed={seed}"))
+    a, b = tmp_path / "seed0", tmp_path / "seed1"
+    assert read_jsonl(a / "trajectories.jsonl") == read_jsonl(b / "trajectories.jsonl")
+    assert _bytes(a / "adapters" / "pos") == _bytes(b / "adapters" / "pos")
+    # ... while sample.seed and ce.seed do change them
+    run_pipeline(_cfg(tmp_path / "other", "stage=sample", "sample.seed=5"))
+    assert read_jsonl(tmp_path / "other" / "trajectories.jsonl") != read_jsonl(b / "trajectories.jsonl")
+
+
+def test_baseline_evaluates_the_base_model_alone_and_shares_it(tmp_path, capsys):
+    result = run_pipeline(_cfg(tmp_path, "method=baseline"))
+    assert list(result["stages"]) == ["eval"] and not (tmp_path / "trajectories.jsonl").exists()
+    base = json.loads((tmp_path / "eval" / "base.json").read_text())
+    own = json.loads((tmp_path / "baseline-seed0" / "eval.json").read_text())
+    assert own["accuracy"] == base["accuracy"] and own["config"]["method"]["name"] == "baseline"
+    assert read_jsonl(tmp_path / "baseline-seed0" / "eval.jsonl") == read_jsonl(tmp_path / "eval" / "base.jsonl")
+    capsys.readouterr()
+    run_pipeline(_cfg(tmp_path, "method=baseline", "seed=1"))
+    assert "eval base" not in capsys.readouterr().err  # the cached base evaluation, no generation
+    assert (tmp_path / "baseline-seed1" / "eval.json").exists()
+    with pytest.raises(ValueError, match="method=baseline trains nothing"):
+        run_pipeline(_cfg(tmp_path, "method=baseline", "stage=align"))
+
+
+def test_reuse_from_carries_over_stages_made_with_the_same_settings(tmp_path, tok, capsys):
+    main = tmp_path / "main"
+    _prepared(main, tok)
+    for stage in ("sft_pos", "sft_neg", "score"):
+        run_pipeline(_cfg(main, f"stage={stage}"))
+    capsys.readouterr()
+    # the CE models do not depend on b: no warning when b changes
+    run_pipeline(_cfg(main, "stage=sft_pos", "ce.b=2.0"))
+    assert "WARNING" not in capsys.readouterr().out
+
+    # an ablation over b in its own run_dir: everything up to the CE models is reused, score is redone
+    abl = tmp_path / "b2"
+    for stage in ("sample", "select", "sft_pos", "sft_neg", "score"):
+        run_pipeline(_cfg(abl, f"stage={stage}", "ce.b=2.0", f"reuse_from={main}"))
+    out = capsys.readouterr().out
+    for stage in ("sample", "select", "sft_pos", "sft_neg"):
+        assert f"[{stage}] reused from {main}" in out
+    assert "[score] running" in out and "[score] reused" not in out
+    assert os.stat(abl / "trajectories.jsonl").st_ino == os.stat(main / "trajectories.jsonl").st_ino  # hard link
+    assert _bytes(abl / "adapters" / "neg") == _bytes(main / "adapters" / "neg")
+    b1, b2 = read_jsonl(main / "scored_pairs.jsonl"), read_jsonl(abl / "scored_pairs.jsonl")
+    assert [p["rejected_ids"] for p in b1] == [p["rejected_ids"] for p in b2]
+    assert [p["rejected_p_ce"] for p in b1] != [p["rejected_p_ce"] for p in b2]  # b reaches the scores
+
+    # the CE rank ablation: samples and selection reused, the CE models retrained at the new rank
+    rank = tmp_path / "r4"
+    for stage in ("sample", "select", "sft_pos"):
+        run_pipeline(_cfg(rank, f"stage={stage}", "peft@ce_lora=ce_lora_r4", f"reuse_from={main}"))
+    out = capsys.readouterr().out
+    assert "[sample] reused" in out and "[select] reused" in out and "[sft_pos] running" in out
+    assert json.loads((rank / "adapters" / "pos" / "adapter_config.json").read_text())["r"] == 4
+    # a source made with other settings is not reused
+    run_pipeline(_cfg(tmp_path / "n4", "stage=sample", "sample.n=4", f"reuse_from={main}"))
+    assert "reused" not in capsys.readouterr().out
+
+
+def test_negative_selection_rule():
+    def s(ans, ok):
+        return {"response": ans, "response_ids": [1], "extracted": ans, "correct": ok}
+
+    record = {"id": "q", "question": "?", "answers": ["1"], "prompt": "", "prompt_ids": [0],
+              "samples": [s("1", True)] + [s("7", False)] * 4 + [s("8", False)] * 3 + [s("9", False)] * 2}
+    rule = lambda **kw: [n["extracted"] for n in select_question(record, top_k=1, top_p=0.5, **kw)[1]]  # noqa: E731
+    assert rule() == ["7", "8"]  # top_p 0.5: 4/9 < 0.5, 7/9 >= 0.5
+    assert rule(negative_rule="top_k", negative_k=1) == ["7"]
+    assert rule(negative_rule="top_k", negative_k=3) == ["7", "8", "9"]
+    with pytest.raises(ValueError, match="select.negative_rule='top_q'"):
+        rule(negative_rule="top_q")
+
+
+def test_negative_rule_reaches_the_select_stage(tmp_path, tok):
+    run_pipeline(_cfg(tmp_path, "stage=sample"))
+    _inject_correct_samples(RunPaths(_cfg(tmp_path)), tok)
+    records = read_jsonl(tmp_path / "trajectories.jsonl")
+    for r in records:  # per question: the gold solution, 3 x "12345" and a rarer wrong answer
+        r["samples"] = [x for x in r["samples"] if x["correct"] or x["extracted"] == "12345"]
+        r["samples"].append({**r["samples"][-1], "extracted": "777", "response": "The answer is 777."})
+    write_jsonl(tmp_path / "trajectories.jsonl", records)
+    counts = {}
+    for rule in ("top_p", "top_k"):
+        cfg = _cfg(tmp_path, f"select.negative_rule={rule}", "select.negative_k=2", "select.top_p=0.5")
+        counts[rule] = select_stage.run(cfg, RunPaths(cfg))["negatives"]
+    assert counts == {"top_p": 4, "top_k": 8}  # 12345 covers half the wrong samples; top-2 adds 777
+
+
+def test_chosen_weighting_in_the_config_changes_the_cdpo_loss(tmp_path):
+    policy = _policy()
+    items = _pairs()
+    batch = collate_pairs(items, pad_id=2, with_weights=True)
+    losses = {}
+    for weighting in ("only_neg", "p_ce"):
+        module = preference_module(_cfg(tmp_path, f"method.chosen_weighting={weighting}"), policy)
+        with torch.no_grad():
+            losses[weighting] = module.compute_loss(batch)[0].item()
+    assert losses["only_neg"] != pytest.approx(losses["p_ce"], rel=1e-4)
+    # with every chosen p_ce = 1 the two weightings are the same loss
+    ones = collate_pairs([{**it, "chosen_p_ce": [1.0] * len(it["chosen_ids"])} for it in items], pad_id=2,
+                         with_weights=True)
+    with torch.no_grad():
+        same = [preference_module(_cfg(tmp_path, f"method.chosen_weighting={w}"), policy).compute_loss(ones)[0].item()
+                for w in ("only_neg", "p_ce")]
+    assert same[0] == pytest.approx(same[1], rel=1e-6)
+
+
+def test_eval_results_reach_wandb_offline(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = _cfg(tmp_path, "logger=wandb")
+    context.log_results(cfg, "eval_cdpo_seed0", {"eval/accuracy": 0.25, "eval/per_question": {"arith-q1": 1}})
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    blob = runs[0].read_bytes()
+    for key in (b"eval/accuracy", b"eval/per_question", b"arith-q1", b"eval_cdpo_seed0"):
+        assert key in blob, key
+    context.log_results(_cfg(tmp_path / "csv"), "x", {"eval/accuracy": 1.0})  # csv logger: nothing to do
+    assert not (tmp_path / "csv").exists()

@@ -1,0 +1,124 @@
+"""Sweeps: every Hydra sweep preset and wandb grid spec composes into distinct jobs, the two formats
+hold the same grids, and the embedded Table-1 grid runs end to end (multirun + report) on a tiny model."""
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from test_pipeline import TINY, _cfg, _inject_correct_samples
+
+from cdpo.io import read_jsonl
+from cdpo.models import load_tokenizer
+from cdpo.pipeline import run_pipeline
+from cdpo.pipeline.artifacts import RunPaths
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEPS = sorted(p.stem for p in (REPO / "conf" / "sweep").glob("*.yaml"))
+ABLATIONS = {"ablation_b": "ce.b", "ablation_chosen_weights": "method.chosen_weighting",
+             "ablation_selection": "select.negative_rule", "ablation_n": "sample.n", "ablation_ce_rank": "ce_lora.r"}
+
+
+def _hydra_grid(name: str) -> dict[str, list[str]]:
+    params = yaml.safe_load((REPO / "conf" / "sweep" / f"{name}.yaml").read_text())["hydra"]["sweeper"]["params"]
+    return {k: str(v).split(",") for k, v in params.items()}
+
+
+def _compose_all(override_lists):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfgs = [compose(config_name="train", overrides=o) for o in override_lists]
+    for c in cfgs:
+        OmegaConf.resolve(c)
+    return cfgs
+
+
+def test_sweep_presets_cover_table1_and_the_ablations():
+    assert {"table1", "embedded", *ABLATIONS} <= set(SWEEPS)
+    assert _hydra_grid("embedded") == {"method": ["baseline", "sft", "dpo", "tokendpo", "rpo", "cdpo"],
+                                       "seed": ["0", "1", "2"]}
+    table1 = _hydra_grid("table1")
+    assert len(table1["+experiment"]) * len(table1["method"]) * len(table1["seed"]) == 108
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_every_job_of_a_sweep_composes_and_writes_its_own_directory(name):
+    grid = _hydra_grid(name)
+    seeds = grid.pop("seed")
+    assert seeds == ["0", "1", "2"]
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    cfgs = _compose_all([[f"+sweep={name}", "seed=1", *(f"{k}={v}" for k, v in p.items())] for p in points])
+    method_dirs = [c.method_dir for c in cfgs]
+    assert len(set(method_dirs)) == len(points) and all(d.endswith("-seed1") for d in method_dirs)
+    if name in ABLATIONS:  # one run_dir per value, shared stages reused from the main run_dir
+        key = ABLATIONS[name]
+        values = [OmegaConf.select(c, key) for c in cfgs]
+        assert len(set(values)) == len(points) > 1
+        assert len({c.run_dir for c in cfgs}) == len(points)
+        assert all(c.reuse_from == f"runs/{c.model.name}-{c.data.name}" != c.run_dir for c in cfgs)
+        assert all(c.method.name == "cdpo" for c in cfgs)
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_wandb_grid_spec_matches_the_hydra_sweep(name):
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command_args
+
+    spec = yaml.safe_load((REPO / "sweeps" / f"{name}.yaml").read_text())
+    assert spec["method"] == "grid" and (REPO / spec["program"]).exists()
+    assert spec["command"] == ["${env}", "${interpreter}", "${program}", f"+sweep={name}", "${args_no_hyphens}"]
+    grid = {k: [str(v) for v in p["values"]] for k, p in spec["parameters"].items()}
+    assert grid == _hydra_grid(name)
+    # the arguments the wandb agent builds for one grid point compose
+    point = {k: {"value": p["values"][-1]} for k, p in spec["parameters"].items()}
+    args = create_sweep_command_args({"args": point})["args_no_hyphens"]
+    cfg = _compose_all([[f"+sweep={name}", *args]])[0]
+    for key, p in spec["parameters"].items():
+        group = key.lstrip("+").split("@")[-1]
+        if (REPO / "conf" / key.lstrip("+").split("@")[0]).is_dir():  # a config group: its option was chosen
+            assert group in ("experiment", "ce_lora") or OmegaConf.select(cfg, f"{group}.name") == p["values"][-1]
+        else:
+            assert OmegaConf.select(cfg, key) == p["values"][-1]
+
+
+def test_embedded_grid_script_end_to_end(tmp_path):
+    """scripts/embedded_grid.sh on the tiny model: a Hydra multirun of every method x 2 seeds in a
+    subprocess, then the report. Shared stages run once; each method and seed trains its own adapter."""
+    run, out = tmp_path / "run", tmp_path / "reports" / "embedded"
+    tok = load_tokenizer("embedded:smollm2-135m-instruct")
+    run_pipeline(_cfg(run, "stage=sample"))
+    _inject_correct_samples(RunPaths(_cfg(run)), tok)  # a random tiny model never answers right
+    trajectories = read_jsonl(run / "trajectories.jsonl")
+
+    env = {**os.environ, "RUN_DIR": str(run), "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "embedded_grid.sh"), *TINY, "seed=0,1",
+                           f"hydra.sweep.dir={tmp_path / 'multirun'}"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout
+    ran = {stage: log.count(f"[{stage}] running") for stage in ("sample", "select", "sft_pos", "sft_neg", "score",
+                                                                 "align", "eval")}
+    assert ran == {"sample": 0, "select": 1, "sft_pos": 1, "sft_neg": 1, "score": 1, "align": 10, "eval": 12}
+    assert read_jsonl(run / "trajectories.jsonl") == trajectories  # no job resampled
+
+    methods = ("baseline", "sft", "dpo", "tokendpo", "rpo", "cdpo")
+    for method in methods:
+        for seed in (0, 1):
+            assert (run / f"{method}-seed{seed}" / "eval.jsonl").exists(), (method, seed)
+    # the SFT baseline is trained per seed (its own adapter, not the shared positive CE model)
+    sft = [(run / f"sft-seed{s}" / "adapter" / "adapter_model.safetensors").read_bytes() for s in (0, 1)]
+    assert sft[0] != sft[1] and sft[0] != (run / "adapters" / "pos" / "adapter_model.safetensors").read_bytes()
+    assert read_jsonl(run / "cdpo-seed1" / "metrics.jsonl")[0].keys() >= {"step", "logps/chosen", "logps/rejected"}
+
+    md = (out.parent / "embedded.md").read_text()
+    assert md in log  # the report printed what it wrote
+    for label in ("Baseline", "+ SFT", "+ DPO", "+ TokenDPO", "+ RPO", "+ cDPO"):
+        assert f"| {label} | 0.0 ± 0.0 |" in md  # a random model: 0 of 3 questions, 2 seeds each
+    assert sum(line.startswith("| arith tiny |") for line in md.splitlines()) == 5  # cDPO vs each other method
+    csv_rows = (out.parent / "embedded.csv").read_text().splitlines()
+    assert len(csv_rows) == 7 and all(",2,0;1," in r for r in csv_rows[1:])
+    png = out.parent / "embedded-tiny-arith-logps.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and f"]({png.name})" in md
