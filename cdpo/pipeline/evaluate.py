@@ -9,7 +9,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from cdpo.generation import GenerationStats
 from cdpo.io import write_json, write_jsonl
-from cdpo.models import load_adapter
 from cdpo.pipeline import context
 from cdpo.pipeline.artifacts import RunPaths
 from cdpo.pipeline.sample import generate_graded
@@ -60,18 +59,20 @@ def adapter_for(paths: RunPaths, label: str) -> Path | None:
 
 def run(cfg: DictConfig, paths: RunPaths) -> dict:
     tok = context.tokenizer(cfg)
-    results = {}
-    for label in dict.fromkeys([*cfg.compare, cfg.method.name]):
+    labels = list(dict.fromkeys([*cfg.compare, cfg.method.name]))
+    results, todo = {}, []
+    for label in labels:
         key = "aligned" if label == cfg.method.name else label
         out, adapter = paths.eval_file(key), adapter_for(paths, key)
         signature = eval_signature(cfg, adapter)
         cached = out.with_suffix(".json")
         if cached.exists() and json.loads(cached.read_text()).get("signature") == signature:
             results[label] = json.loads(cached.read_text())  # base and sft are shared by every method
-            continue
-        model = context.base_model(cfg)
-        if adapter is not None:
-            model = load_adapter(model, adapter, key)
-        results[label] = evaluate_model(cfg, model, tok, out, label, signature)
-    return {"results": {label: {k: r[k] for k in ("questions", "correct", "accuracy", "no_answer", "pass_at_k")}
-                        for label, r in results.items()}}
+        else:
+            todo.append((label, key, out, adapter, signature))
+    if todo:
+        with context.generation_models(cfg) as model_for:  # one vLLM engine serves every adapter
+            for label, key, out, adapter, signature in todo:
+                results[label] = evaluate_model(cfg, model_for(adapter, key), tok, out, label, signature)
+    keep = ("questions", "correct", "accuracy", "no_answer", "pass_at_k")
+    return {"results": {label: {k: results[label][k] for k in keep} for label in labels}}

@@ -8,6 +8,7 @@ import time
 import lightning as L
 from omegaconf import DictConfig
 
+from cdpo import distributed
 from cdpo.pipeline import evaluate, sample, score, select, training
 from cdpo.pipeline.artifacts import RunPaths, changed_settings, invalidate_after, is_done, mark_done
 
@@ -47,8 +48,10 @@ def _quiet_lightning() -> None:
 def run_pipeline(cfg: DictConfig) -> dict:
     _quiet_lightning()
     paths = RunPaths(cfg)
+    stages = _stages_for(cfg)
+    distributed.check_stages(cfg.trainer, stages)
     timings, summaries = {}, {}
-    for stage in _stages_for(cfg):
+    for stage in stages:
         if stage != "eval" and is_done(paths, stage):
             print(f"[{stage}] done already ({paths.marker(stage)}): skipped")
             changed = changed_settings(paths, stage, cfg)
@@ -64,12 +67,14 @@ def run_pipeline(cfg: DictConfig) -> dict:
         summary = RUNNERS[stage](cfg, paths)
         timings[stage] = round(time.perf_counter() - t0, 1)
         summary = {**summary, "seconds": timings[stage]}
+        summaries[stage] = summary
+        if not distributed.is_main_process():
+            continue  # several training processes: global rank 0 writes the marker
         mark_done(paths, stage, cfg, summary)
         if stage != "eval":
             stale = invalidate_after(paths, stage)
             if stale:
                 print(f"[{stage}] redone: later stages will be redone too ({', '.join(stale)})")
-        summaries[stage] = summary
         print(f"[{stage}] finished in {timings[stage]:.0f} s: {_short(summary)}")
     if "eval" in summaries:
         print(results_table(summaries["eval"]["results"]))
