@@ -1,4 +1,6 @@
 """Errors caused by input or configuration, which entry points report as one line, no traceback."""
+from cdpo.distributed import ScalingError
+from cdpo.generation_vllm import VLLMUnavailableError
 from cdpo.io import DataError
 from cdpo.models.adapters import AdapterMismatchError
 from cdpo.models.embedded import EmbeddedModelMissingError
@@ -6,4 +8,4 @@ from cdpo.models.loading import OfflineHubError, QuantizationUnavailableError
 from cdpo.pipeline.select import EmptySelectionError
 
 USER_ERRORS = (DataError, EmptySelectionError, AdapterMismatchError, EmbeddedModelMissingError, OfflineHubError,
-               QuantizationUnavailableError, FileNotFoundError)
+               QuantizationUnavailableError, FileNotFoundError, ScalingError, VLLMUnavailableError)

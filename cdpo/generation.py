@@ -1,4 +1,5 @@
-"""Batched sampling through HF `generate` with KV cache, stop strings and a tokens/s progress bar.
+"""Batched sampling through HF `generate` with KV cache, stop strings and a tokens/s progress bar
+(or through vLLM: `generation=vllm`, see cdpo.generation_vllm).
 
 Each completion keeps the response token ids the model produced (cut at the stop string), so
 later stages train and score on exactly these ids instead of re-tokenising text.
@@ -109,6 +110,10 @@ def generate_ids(
     if temperature == 0 and n > 1:
         raise ValueError("n > 1 with greedy decoding (temperature=0) gives n identical completions")
     ids = [list(p) for p in prompt_ids]
+    if hasattr(model, "complete"):  # an inference engine (cdpo.generation_vllm, generation=vllm) batches itself
+        return model.complete(tokenizer, ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              stop=stop, seed=seed, progress=progress,
+                              stats=stats if stats is not None else GenerationStats())
     rows = [row for row in ids for _ in range(n)]
     prefix = shared_prefix_ids(ids) if share_prefix else []
     out: list[Completion] = []

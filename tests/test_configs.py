@@ -12,7 +12,8 @@ REQUIRED = {
     "data": {"gsm8k", "math500", "arith"},
     "method": {"baseline", "sft", "dpo", "tokendpo", "rpo", "cdpo"},
     "peft": {"ce_lora", "cdpo_lora", "none", "qlora"},
-    "trainer": {"cpu", "gpu"},
+    "trainer": {"cpu", "gpu", "ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"},
+    "generation": {"default", "vllm"},
     "logger": {"wandb", "csv", "none"},
 }
 
@@ -68,6 +69,28 @@ def test_70b_uses_qlora_and_temperatures_follow_the_paper():
     temps = {p: _compose([f"+experiment={p}_cdpo"]).sample.temperature
              for p in ("llama3_8b", "llama3_70b", "deepseek_math_7b")}
     assert temps == {"llama3_8b": 0.5, "llama3_70b": 0.85, "deepseek_math_7b": 1.0}
+
+
+def test_strategy_presets_compose_with_the_paper_experiments():
+    """Each multi-GPU trainer and the vLLM backend on top of each preset (what a 70B run composes)."""
+    for preset in GROUPS["experiment"]:
+        for trainer in ("ddp", "fsdp", "deepspeed_zero3_offload"):
+            cfg = _compose([f"+experiment={preset}", f"trainer={trainer}", "generation=vllm"])
+            assert cfg.trainer.strategy.name in ("ddp", "fsdp", "deepspeed") and cfg.generation.backend == "vllm"
+            assert cfg.generation.max_new_tokens == cfg.data.max_new_tokens  # vllm extends the default generation
+    s = _compose(["trainer=deepspeed_zero3_offload"]).trainer.strategy
+    assert (s.stage, s.offload_optimizer, s.offload_parameters) == (3, True, True)
+    cfg = _compose(["trainer=deepspeed_zero3_offload"])
+    assert cfg.trainer.num_nodes == 1 and cfg.trainer.accelerator == "gpu"
+
+
+def test_slurm_launcher_config_composes():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher") and launcher.partition == "gpu"
+    assert launcher.tasks_per_node == 1 and "submitit_folder" in launcher
 
 
 def test_method_dir_separates_methods_and_seeds():

@@ -39,8 +39,9 @@ def _perturb(model, adapter: str, seed: int, scale: float = 0.3):
 
 
 def _policy(seed=0):
-    torch.manual_seed(seed)  # LoRA A matrices come from the global RNG: same policy whatever ran before
-    model = add_lora(tiny_llama(seed=0), "policy", **LORA)
+    with torch.random.fork_rng(devices=[]):  # LoRA A is drawn from the global RNG: same policy in any test order
+        torch.manual_seed(seed)
+        model = add_lora(tiny_llama(seed=0), "policy", **LORA)
     _perturb(model, "policy", seed=seed + 1)
     return model
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from cdpo.data import load_problems
 from cdpo.io import read_jsonl, write_jsonl

@@ -2,7 +2,6 @@
 run directories and from a (fake) wandb API, and the files it writes."""
 import csv
 import io
-import json
 import math
 from statistics import mean, stdev
 
@@ -11,7 +10,7 @@ import pytest
 from scipy import stats as sps
 
 from cdpo.io import DataError, write_json, write_jsonl
-from cdpo.report import Result, Table, build_report, collect_local, collect_wandb
+from cdpo.report import Table, build_report, collect_local, collect_wandb
 from cdpo.report.stats import mcnemar_exact, paired_bootstrap
 
 

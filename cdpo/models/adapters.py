@@ -7,6 +7,7 @@ or the cDPO policy); the DPO reference is the same base with adapters disabled.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import shutil
 import tempfile
@@ -77,11 +78,13 @@ def reference_model(model):
         yield model
 
 
-def save_adapter(model: PeftModel, name: str, path: str | Path) -> Path:
+def save_adapter(model: PeftModel, name: str, path: str | Path, state_dict: dict | None = None) -> Path:
     """Write adapter ``name`` (config + safetensors) directly into ``path``, atomically.
 
     PEFT puts every adapter but "default" in a sub-directory named after it; here the
-    directory always holds the adapter itself, whatever its name.
+    directory always holds the adapter itself, whatever its name. ``state_dict``: the adapter's
+    tensors gathered from multi-process training (cdpo.distributed.trained_adapter_state, PeftModel
+    keys) instead of the model's own, which then may hold only this process's shard.
     """
     if name not in adapter_names(model):
         raise KeyError(f"no adapter named {name!r}; have: {adapter_names(model)}")
@@ -89,14 +92,33 @@ def save_adapter(model: PeftModel, name: str, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
     try:
-        model.save_pretrained(tmp, selected_adapters=[name])
-        written = tmp if name == "default" else tmp / name
+        if state_dict is None:
+            model.save_pretrained(tmp, selected_adapters=[name])
+            written = tmp if name == "default" else tmp / name
+        else:
+            written = _write_adapter(model, name, state_dict, tmp)
         if path.exists():
             shutil.rmtree(path)
         written.rename(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _write_adapter(model: PeftModel, name: str, state_dict: dict, directory: Path) -> Path:
+    """PEFT's adapter files from given tensors. (PEFT's own save selects tensors by walking the model's
+    modules, whose names under FSDP carry the wrappers' segments, and then finds none of them.)"""
+    from safetensors.torch import save_file
+
+    config = copy.deepcopy(model.peft_config[name])
+    config.inference_mode = True  # as PEFT saves it
+    config.save_pretrained(str(directory))
+    marker = f".{name}."  # on disk the adapter name is dropped: ...q_proj.lora_A.policy.weight -> ...lora_A.weight
+    tensors = {k.replace(marker, "."): v.detach().cpu().contiguous() for k, v in state_dict.items() if marker in k}
+    if not tensors:
+        raise ValueError(f"no tensors of adapter {name!r} among {len(state_dict)} given")
+    save_file(tensors, str(directory / _ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    return directory
 
 
 def load_adapter(model, path: str | Path, name: str, *, trainable: bool = False) -> PeftModel:

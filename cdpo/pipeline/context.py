@@ -1,6 +1,8 @@
-"""Building blocks every stage needs: the base model and tokenizer, prompts, a Trainer, a logger."""
+"""Building blocks every stage needs: the base model and tokenizer, prompts, a Trainer, a logger,
+and the model that sample / eval generate with (HF or vLLM: `generation.backend`)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -9,25 +11,72 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cdpo import distributed
 from cdpo.data import arith_exemplars, build_prompt, load_problems, stop_strings
-from cdpo.models import load_model, load_tokenizer, tiny_llama_like_embedded
+from cdpo.models import load_adapter, load_model, load_tokenizer, tiny_llama_like_embedded
 
 TINY = "tiny:llama"
+BACKENDS = ("hf", "vllm")
 
 
 def device_for(cfg: DictConfig) -> str:
+    """This process's device: its own GPU when there are several processes per node."""
     wants_gpu = cfg.trainer.accelerator in ("gpu", "cuda", "auto")
-    return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
+    return f"cuda:{distributed.local_rank()}" if wants_gpu and torch.cuda.is_available() else "cpu"
 
 
 def base_model(cfg: DictConfig, *, for_training: bool = False):
-    """A fresh base model (no adapters) on the run's device."""
+    """A fresh base model (no adapters) on the run's device. For training under FSDP or DeepSpeed it
+    stays on the CPU: the strategy shards it and moves each shard to its GPU."""
     m = cfg.model
+    quantization = m.get("quantization") or cfg.peft.get("quantization")
+    sharded = for_training and distributed.shards_parameters(cfg.trainer)
+    if sharded and quantization:
+        raise distributed.ScalingError(
+            f"quantization={quantization!r} (QLoRA) with trainer.strategy={distributed.strategy_name(cfg.trainer)}: "
+            "4-bit bases are not sharded here; use trainer=gpu (one GPU) or trainer=ddp (one 4-bit copy per GPU)")
+    device = "cpu" if sharded else device_for(cfg)
     if m.path == TINY:
-        return tiny_llama_like_embedded(seed=0).to(device_for(cfg))  # one base model for every seed
-    return load_model(m.path, dtype=m.dtype, device=device_for(cfg), attn_implementation=m.attn_implementation,
-                      gradient_checkpointing=bool(m.gradient_checkpointing and for_training),
-                      quantization=m.get("quantization") or cfg.peft.get("quantization"))
+        return tiny_llama_like_embedded(seed=0).to(device)  # one base model for every seed
+    # a strategy that checkpoints activations itself (FSDP's policy) replaces the model's own checkpointing
+    checkpointing = m.gradient_checkpointing and for_training and not distributed.checkpoints_activations(cfg.trainer)
+    return load_model(m.path, dtype=m.dtype, device=device, attn_implementation=m.attn_implementation,
+                      gradient_checkpointing=bool(checkpointing), quantization=quantization)
+
+
+@contextlib.contextmanager
+def generation_models(cfg: DictConfig):
+    """Yields `model_for(adapter=None, name="eval")`: the model sample / eval generate with, for
+    `cdpo.generation.generate`.
+
+    generation.backend=hf: a fresh base model with the adapter directory loaded. vllm: one vLLM
+    engine for the whole block (started by the first call), each adapter served as a LoRA request;
+    the engine is shut down when the block ends, so that the training stages get the GPU back.
+    """
+    backend = cfg.generation.get("backend", "hf")
+    if backend not in BACKENDS:
+        raise ValueError(f"generation.backend={backend!r}: choose one of {', '.join(BACKENDS)} (generation=vllm)")
+    if backend == "hf":
+        def model_for(adapter=None, name: str = "eval"):
+            model = base_model(cfg)
+            return load_adapter(model, adapter, name) if adapter else model
+
+        yield model_for
+        return
+    from cdpo.generation_vllm import VLLMEngine
+
+    engine = None
+
+    def served(adapter=None, name: str = "eval"):
+        nonlocal engine
+        engine = engine or VLLMEngine.from_config(cfg)
+        return engine.model_for(adapter, name)
+
+    try:
+        yield served
+    finally:
+        if engine is not None:
+            engine.close()
 
 
 def tokenizer(cfg: DictConfig):
@@ -138,15 +187,23 @@ def finish_logger(logger) -> None:
 
 
 def make_trainer(cfg: DictConfig, name: str, *, epochs: int, grad_accum: int = 1, max_steps: int = -1,
-                 history: Path | None = None) -> L.Trainer:
+                 checkpoint_dir: Path | None = None, history: Path | None = None) -> L.Trainer:
+    """A Trainer from cfg.trainer; with trainer.checkpoint_every_n_steps and a checkpoint_dir it keeps
+    `last.ckpt` there (a folder of shards under FSDP's state_dict_type: sharded) to resume a fit from;
+    with `history`, logged metrics also go to that JSONL file whatever the logger."""
     t = cfg.trainer
+    every = t.get("checkpoint_every_n_steps")
+    callbacks = []
+    if every and checkpoint_dir is not None:
+        callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=str(checkpoint_dir), every_n_train_steps=every,
+                                                              save_top_k=0, save_last=True))
     logger = make_logger(cfg, name)
     if history is not None:  # the configured logger stays first: trainer.logger is what finish_logger ends
         logger = [*([logger] if logger else []), JsonlHistory(history)]
     return L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, precision=t.precision, max_epochs=epochs, max_steps=max_steps,
-        accumulate_grad_batches=grad_accum, gradient_clip_val=t.gradient_clip_val,
-        log_every_n_steps=t.log_every_n_steps, logger=logger, enable_checkpointing=False,
-        enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=cfg.run_dir,
-        strategy=t.get("strategy", "auto"),
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.get("num_nodes", 1), precision=t.precision,
+        max_epochs=epochs, max_steps=max_steps, accumulate_grad_batches=grad_accum,
+        gradient_clip_val=t.gradient_clip_val, log_every_n_steps=t.log_every_n_steps, logger=logger,
+        enable_checkpointing=bool(callbacks), callbacks=callbacks, enable_model_summary=False, num_sanity_val_steps=0,
+        default_root_dir=cfg.run_dir, strategy=distributed.build_strategy(t.get("strategy")),
     )

@@ -9,7 +9,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from cdpo.generation import GenerationStats
 from cdpo.io import read_jsonl, write_json, write_jsonl
-from cdpo.models import load_adapter
 from cdpo.pipeline import context
 from cdpo.pipeline.artifacts import RunPaths
 from cdpo.pipeline.sample import generate_graded
@@ -62,7 +61,7 @@ def run(cfg: DictConfig, paths: RunPaths) -> dict:
     tok = context.tokenizer(cfg)
     baseline = cfg.method.loss == "none"  # the base model is the method's own result
     labels = [cfg.method.name] if baseline else list(dict.fromkeys([*cfg.compare, cfg.method.name]))
-    results = {}
+    results, todo = {}, []
     for label in labels:
         key = "base" if baseline else "aligned" if label == cfg.method.name else label
         out, adapter = paths.eval_file(key), adapter_for(paths, key)
@@ -70,11 +69,12 @@ def run(cfg: DictConfig, paths: RunPaths) -> dict:
         cached = out.with_suffix(".json")
         if cached.exists() and json.loads(cached.read_text()).get("signature") == signature:
             results[label] = json.loads(cached.read_text())  # base and sft are shared by every method
-            continue
-        model = context.base_model(cfg)
-        if adapter is not None:
-            model = load_adapter(model, adapter, key)
-        results[label] = evaluate_model(cfg, model, tok, out, label, signature)
+        else:
+            todo.append((label, key, out, adapter, signature))
+    if todo:
+        with context.generation_models(cfg) as model_for:  # one vLLM engine serves every adapter
+            for label, key, out, adapter, signature in todo:
+                results[label] = evaluate_model(cfg, model_for(adapter, key), tok, out, label, signature)
     own = paths.eval_file("aligned")
     if baseline:  # a result file in the method dir like every other method's: the report reads those
         write_jsonl(own, read_jsonl(paths.eval_file("base")))
@@ -84,8 +84,8 @@ def run(cfg: DictConfig, paths: RunPaths) -> dict:
     context.log_results(cfg, f"eval_{cfg.method.name}_seed{cfg.seed}", {
         "eval/accuracy": r["accuracy"], "eval/correct": r["correct"], "eval/questions": r["questions"],
         "eval/no_answer": r["no_answer"], "eval/per_question": per_question(own)})
-    return {"results": {label: {k: r[k] for k in ("questions", "correct", "accuracy", "no_answer", "pass_at_k")}
-                        for label, r in results.items()}}
+    keep = ("questions", "correct", "accuracy", "no_answer", "pass_at_k")
+    return {"results": {label: {k: results[label][k] for k in keep} for label in labels}}
 
 
 def per_question(predictions: Path) -> dict[str, int]:

@@ -8,6 +8,7 @@ import time
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from cdpo import distributed
 from cdpo.pipeline import evaluate, sample, score, select, training
 from cdpo.pipeline.artifacts import (RunPaths, changed_settings, invalidate_after, is_done, mark_done,
                                      reuse_stage)
@@ -62,8 +63,10 @@ def run_pipeline(cfg: DictConfig) -> dict:
     paths = RunPaths(cfg)
     reuse_from = cfg.get("reuse_from")
     source = RunPaths(OmegaConf.create({"run_dir": reuse_from, "method_dir": reuse_from})) if reuse_from else None
+    stages = _stages_for(cfg)
+    distributed.check_stages(cfg.trainer, stages)
     timings, summaries = {}, {}
-    for stage in _stages_for(cfg):
+    for stage in stages:
         if source is not None and not is_done(paths, stage) and reuse_stage(source, paths, stage, cfg):
             print(f"[{stage}] reused from {source.run} (same settings)")
             invalidate_after(paths, stage)
@@ -84,12 +87,14 @@ def run_pipeline(cfg: DictConfig) -> dict:
         summary = RUNNERS[stage](cfg, paths)
         timings[stage] = round(time.perf_counter() - t0, 1)
         summary = {**summary, "seconds": timings[stage]}
+        summaries[stage] = summary
+        if not distributed.is_main_process():
+            continue  # several training processes: global rank 0 writes the marker
         mark_done(paths, stage, cfg, summary)
         if stage != "eval":
             stale = invalidate_after(paths, stage)
             if stale:
                 print(f"[{stage}] redone: later stages will be redone too ({', '.join(stale)})")
-        summaries[stage] = summary
         print(f"[{stage}] finished in {timings[stage]:.0f} s: {_short(summary)}")
     if "eval" in summaries:
         print(results_table(summaries["eval"]["results"]))

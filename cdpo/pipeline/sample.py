@@ -1,6 +1,8 @@
 """Stage `sample`: N trajectories per training question, each graded against the gold answer."""
 from __future__ import annotations
 
+import functools
+
 from omegaconf import DictConfig
 
 from cdpo.generation import GenerationStats, generate
@@ -31,19 +33,20 @@ def generate_graded(cfg: DictConfig, model, tok, problems, *, n: int, temperatur
 def run(cfg: DictConfig, paths: RunPaths) -> dict:
     problems = context.problems(cfg, cfg.data.train_split, cfg.data.train_limit)
     tok = context.tokenizer(cfg)
-    model = context.base_model(cfg)
     stats = GenerationStats()
     s = cfg.sample
     reused = []
+    with context.generation_models(cfg) as model_for:
+        base = functools.cache(model_for)  # made for the first shard to sample (none if every shard is done)
 
-    def work(shard):
-        offset = problems.index(shard[0])
-        return generate_graded(cfg, model, tok, shard, n=s.n, temperature=s.temperature, top_p=s.top_p,
-                               max_new_tokens=s.max_new_tokens, seed=s.seed * 7919 + offset,
-                               desc=f"sample {offset + len(shard)}/{len(problems)}", stats=stats)
+        def work(shard):
+            offset = problems.index(shard[0])
+            return generate_graded(cfg, base(), tok, shard, n=s.n, temperature=s.temperature, top_p=s.top_p,
+                                   max_new_tokens=s.max_new_tokens, seed=s.seed * 7919 + offset,
+                                   desc=f"sample {offset + len(shard)}/{len(problems)}", stats=stats)
 
-    records = run_sharded(problems, s.shard_size, paths.shards("sample"), work, paths.trajectories,
-                          key=lambda p: p.id, signature=stage_signature(cfg, "sample"), on_skip=reused.append)
+        records = run_sharded(problems, s.shard_size, paths.shards("sample"), work, paths.trajectories,
+                              key=lambda p: p.id, signature=stage_signature(cfg, "sample"), on_skip=reused.append)
     n_samples = sum(len(r["samples"]) for r in records)
     n_correct = sum(x["correct"] for r in records for x in r["samples"])
     return {"questions": len(records), "samples": n_samples, "correct": n_correct,

@@ -3,18 +3,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
+from pathlib import Path
 
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from omegaconf import DictConfig
 
+from cdpo import distributed
 from cdpo.data.collate import collate_pairs
 from cdpo.io import write_jsonl
 from cdpo.logprobs import response_logps
 from cdpo.models import add_lora, model_summary, reference_model, save_adapter
 from cdpo.modules import PairsDataModule, PreferenceModule, SequencesDataModule, SFTModule
 from cdpo.pipeline import context
-from cdpo.pipeline.artifacts import RunPaths, load
+from cdpo.pipeline.artifacts import RunPaths, load, stage_signature
 
 REF_METHODS = ("dpo", "rpo", "cdpo")  # methods that need only reference log-probs
 
@@ -30,19 +34,40 @@ def _data_kw(cfg: DictConfig, tok, batch_size: int, seed: int) -> dict:
                 max_prompt_length=cfg.data.max_prompt_length)
 
 
-def _fit(cfg, name, module, datamodule, *, epochs, grad_accum=1, history=None) -> dict:
-    trainer = context.make_trainer(cfg, name, epochs=epochs, grad_accum=grad_accum, history=history)
+def _fit(cfg, name, module, datamodule, *, adapter: str, path, epochs, grad_accum=1, stage: str | None = None,
+         history=None) -> dict:
+    """Fit `module`, then write its adapter `adapter` into `path` (global rank 0; gathered from every
+    process's shard under FSDP / DeepSpeed). With trainer.checkpoint_every_n_steps, an interrupted fit
+    resumes from its last checkpoint, kept beside `path` under a name that holds a hash of the stage's
+    settings (a checkpoint of other settings is never resumed) and removed once the adapter is written."""
+    path = Path(path)
+    settings = json.dumps(stage_signature(cfg, stage) if stage else name, sort_keys=True, default=str)
+    ckpt_dir = path.parent / f".checkpoints-{path.name}-{hashlib.sha1(settings.encode()).hexdigest()[:12]}"
+    last = ckpt_dir / "last.ckpt"
+    trainer = context.make_trainer(cfg, name, epochs=epochs, grad_accum=grad_accum, checkpoint_dir=ckpt_dir,
+                                   history=history)
+    resume = str(last) if cfg.trainer.get("checkpoint_every_n_steps") and last.exists() else None
+    if resume:
+        print(f"[{name}] resuming from {resume}")
     t0 = time.perf_counter()
     try:
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     finally:
         context.finish_logger(trainer.logger)
+    # a strategy's wrapping (and sharding): gathered from every process, a collective; one device: the model's own
+    single = isinstance(trainer.strategy, SingleDeviceStrategy)
+    state = None if single else distributed.trained_adapter_state(trainer)
+    if trainer.is_global_zero:
+        save_adapter(module.model, adapter, path, state_dict=state)
+        for old in path.parent.glob(f".checkpoints-{path.name}-*"):
+            shutil.rmtree(old, ignore_errors=True)
     metrics = {k: round(float(v), 5) for k, v in trainer.callback_metrics.items()}
     if datamodule.truncation.truncated:
         print(f"[{name}] {datamodule.truncation.truncated}/{datamodule.truncation.seen} sequences truncated to "
               f"max_length={cfg.data.max_length} (prompt <= {cfg.data.max_prompt_length})")
     return {"steps": trainer.global_step, "seconds": round(time.perf_counter() - t0, 1), "final": metrics,
-            "truncated": datamodule.truncation.truncated, "records": len(datamodule.records)}
+            "truncated": datamodule.truncation.truncated, "records": len(datamodule.records),
+            "processes": trainer.world_size}
 
 
 def train_sft(cfg: DictConfig, paths: RunPaths, *, which: str) -> dict:
@@ -53,10 +78,11 @@ def train_sft(cfg: DictConfig, paths: RunPaths, *, which: str) -> dict:
     ce = cfg.ce
     module = SFTModule(model, lr=ce.lr, weight_decay=ce.weight_decay, warmup_ratio=ce.warmup_ratio,
                        loss_impl=cfg.loss_impl)
-    summary = _fit(cfg, f"sft_{which}", module,
-                   SequencesDataModule(records, **_data_kw(cfg, tok, ce.batch_size, ce.seed)), epochs=ce.epochs)
-    save_adapter(model, which, paths.pos_adapter if which == "pos" else paths.neg_adapter)
-    return {**summary, **model_summary(model)}
+    sizes = model_summary(model)  # before fitting: FSDP leaves each process a shard of every tensor
+    summary = _fit(cfg, f"sft_{which}", module, SequencesDataModule(records, **_data_kw(cfg, tok, ce.batch_size, ce.seed)),
+                   adapter=which, path=paths.pos_adapter if which == "pos" else paths.neg_adapter, epochs=ce.epochs,
+                   stage=f"sft_{which}")
+    return {**summary, **sizes}
 
 
 @torch.no_grad()
@@ -121,12 +147,17 @@ def train_align(cfg: DictConfig, paths: RunPaths) -> dict:
     else:
         pairs = load(paths.scored_pairs if method.loss == "cdpo" else paths.pairs)
         with_ref = bool(a.precompute_ref) and method.loss in REF_METHODS
+        if with_ref and distributed.planned_processes(cfg.trainer) > 1:
+            # every process would compute (and write) all of them: the reference runs in each step instead
+            print("[align] several processes: reference log-probs are computed in each training step "
+                  "(align.precompute_ref applies to one process)")
+            with_ref = False
         if with_ref:
             for pair, ref in zip(pairs, reference_logps(cfg, paths, pairs, tok, policy)):
                 pair.update(ref_chosen=ref["ref_chosen"], ref_rejected=ref["ref_rejected"])
         module = preference_module(cfg, policy)
         dm = PairsDataModule(pairs, with_weights=method.loss == "cdpo", with_ref=with_ref, **kw)
-    summary = _fit(cfg, f"align_{method.name}_seed{cfg.seed}", module, dm, epochs=a.epochs, grad_accum=a.grad_accum,
-                   history=paths.history)
-    save_adapter(policy, "policy", paths.aligned_adapter)
-    return {**summary, **model_summary(policy)}
+    sizes = model_summary(policy)
+    summary = _fit(cfg, f"align_{method.name}_seed{cfg.seed}", module, dm, adapter="policy",
+                   path=paths.aligned_adapter, epochs=a.epochs, grad_accum=a.grad_accum, stage="align", history=paths.history)
+    return {**summary, **sizes}
