@@ -18,6 +18,7 @@ import torch
 
 from cdpo.generation import Completion, GenerationStats, _eos_ids, _finish
 from cdpo.models import resolve_source
+from cdpo.models.loading import BF16_IF_NATIVE
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's LoRA kernels are built for
 
@@ -80,7 +81,9 @@ class VLLMEngine:
                                        "use the HF backend (generation=default) on this machine")
         path = resolve_source(m.path)
         rank = g.get("max_lora_rank") or max(int(cfg.peft.r or 0), int(cfg.ce_lora.r or 0))
-        kwargs = dict(model=path, tokenizer=path, tensor_parallel_size=g.tensor_parallel_size, dtype=str(m.dtype),
+        # bf16-if-native: vLLM's "auto" takes the checkpoint's bf16 and falls back to fp16 on GPUs without it
+        dtype = "auto" if m.dtype == BF16_IF_NATIVE else str(m.dtype)
+        kwargs = dict(model=path, tokenizer=path, tensor_parallel_size=g.tensor_parallel_size, dtype=dtype,
                       seed=cfg.seed, gpu_memory_utilization=g.gpu_memory_utilization, max_model_len=g.max_model_len,
                       enforce_eager=g.enforce_eager, quantization=g.quantization, enable_prefix_caching=True)
         if rank:

@@ -157,7 +157,7 @@ def test_engine_settings_and_lora_requests_from_the_config(fake_vllm, monkeypatc
     cfg = _cfg("model=smollm2_135m", "generation.tensor_parallel_size=4", "peft.r=12")
     engine = VLLMEngine.from_config(cfg)
     kw = fake_vllm.engines[-1].kwargs
-    assert kw["tensor_parallel_size"] == 4 and kw["dtype"] == "float32" and kw["enable_lora"]
+    assert kw["tensor_parallel_size"] == 4 and kw["dtype"] == "auto" and kw["enable_lora"]  # bf16-if-native
     assert kw["max_lora_rank"] == 16  # max(peft r 12, ce_lora r 8) rounded up to a rank vLLM supports
     assert kw["model"] == kw["tokenizer"] and "max_model_len" not in kw  # None settings are left to vLLM
     sft, again, aligned = engine.model_for("/a/pos", "sft"), engine.model_for("/a/pos"), engine.model_for("/b")
