@@ -1,5 +1,6 @@
 """score.py and eval.py's model mode on tiny models, and the wandb offline run holding the metrics."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -97,3 +98,26 @@ def test_wandb_offline_run_holds_logged_metrics(tmp_path, monkeypatch):
     blob = runs[0].read_bytes()
     for key in (b"loss", b"nll", b"method_dir", b"tiny"):
         assert key in blob, key
+
+
+def test_wandb_stays_offline_after_an_earlier_run_in_the_process(tmp_path):
+    """No API key and no WANDB_MODE: an eval's results run, then a training logger in the same process
+    (what a multirun's second job does) must stay offline instead of asking for a login."""
+    code = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_pipeline import _cfg
+from cdpo.pipeline import context
+cfg = _cfg({str(tmp_path / "run")!r}, "logger=wandb")
+context.log_results(cfg, "eval_x", {{"eval/accuracy": 0.5}})
+logger = context.make_logger(cfg, "align_x")
+logger.experiment.log({{"loss": 1.0}})
+context.finish_logger(logger)
+print("OFFLINE-OK")
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), str(Path(__file__).parents[1] / "kernels")])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=tmp_path)
+    assert "OFFLINE-OK" in proc.stdout, proc.stderr[-2000:]
+    assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 2

@@ -130,7 +130,8 @@ def make_logger(cfg: DictConfig, name: str):
     return L.pytorch.loggers.WandbLogger(
         project=cfg.logger.project, entity=cfg.logger.entity, name=f"{save_dir.name}/{name}", save_dir=str(save_dir),
         offline=wandb_mode(cfg) == "offline", config=OmegaConf.to_container(cfg, resolve=True), group=save_dir.name,
-        job_type=name, id=run_id,
+        job_type=name, id=run_id, mode=wandb_mode(cfg),  # explicit: after an earlier run in this process
+        # (an eval's log_results, a multirun's previous job) `offline` alone no longer kept wandb offline
     )
 
 
