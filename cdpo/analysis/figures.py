@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on servers and CI
@@ -15,7 +15,7 @@ def _pyplot():
 
 def plot_pass_at_k(curves: dict, path: Path, title: str = "") -> Path:
     """pass@k of continuations with vs without the critical token (the paper's Figure 1)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
     ax.plot(curves["k"], [100 * v for v in curves["without"]], marker="o", ms=3, color="#15803d",
             label="critical token replaced (sampled, original excluded)")
@@ -37,7 +37,7 @@ def plot_pass_at_k(curves: dict, path: Path, title: str = "") -> Path:
 
 def plot_success_rates(records: list[dict], path: Path, title: str = "") -> Path:
     """Rollout success rate s_t against the distance from the critical token, one line per trajectory."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=120)
     for r in records:
         if r.get("critical_index") is None:

@@ -53,7 +53,7 @@ def shared_prefix(cfg: DictConfig, pairs: list[dict]) -> list[int]:
 
 def score_pairs(cfg: DictConfig, scorer: ContrastiveScorer, pairs: list[dict], tok) -> list[dict]:
     share = cfg.ce.get("share_prefix", True) and fits_untruncated(cfg, pairs)
-    prefix = shared_prefix(cfg, pairs) if share else []
+    prefix = shared_prefix_ids([p["prompt_ids"] for p in pairs]) if share else []
     scorer.set_prefix(prefix)
     scored = []
     if share:

@@ -6,6 +6,7 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
+from cdpo.analysis.figures import pyplot
 from cdpo.report.collect import CURVES, Result
 
 
@@ -29,11 +30,7 @@ def plot_logps(curves: dict[str, dict], title: str, path: Path) -> Path | None:
     curves = {label: c for label, c in curves.items() if all(m in c for m in CURVES)}
     if not curves:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, (label, c) in enumerate(curves.items()):
         color = f"C{i}"
