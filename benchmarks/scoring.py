@@ -57,7 +57,7 @@ def _adapted(cfg, seed: int):
 def _work(mode: str, seqs: list[dict]) -> tuple[int, int]:
     """(token rows through the decoder, rows through the output head) that `mode` computes: the
     matmul work, which bounds the speed-up where the CPU is compute-bound."""
-    from cdpo.logprobs import shared_prefix_ids
+    from cdpo.kv_cache import shared_prefix_ids
 
     full = sum(len(s["prompt_ids"]) + len(s["response_ids"]) for s in seqs)
     responses = sum(len(s["response_ids"]) for s in seqs)
@@ -112,7 +112,7 @@ def worker(mode: str, n_pairs: int, batch_size: int, dtype: str) -> dict:
                 probs.append(p[0, start:-1].gather(-1, targets[:, None])[:, 0])
         seconds = time.perf_counter() - t0
     else:
-        from cdpo.logprobs import shared_prefix_ids
+        from cdpo.kv_cache import shared_prefix_ids
 
         scorer = ContrastiveScorer(model, b=b)
         prefix = shared_prefix_ids([x["prompt_ids"] for x in seqs]) if mode != "ours" else []

@@ -1,4 +1,4 @@
-"""Contrastive estimation of critical tokens (DESIGN §1 step 3).
+"""Contrastive estimation of critical tokens (docs/design.md §1, step 3).
 
     p_ce(y_t) = softmax((1 + b) z^pos_t - b z^neg_t)[y_t]
 
@@ -28,32 +28,6 @@ def _combine(z_pos: torch.Tensor, z_neg: torch.Tensor, b: float) -> torch.Tensor
 def _prob_of_target(z: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """softmax(z)[y] per row via log-sum-exp, without a full softmax copy."""
     return torch.exp(z.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(z, dim=-1))
-
-
-@torch.no_grad()
-def contrastive_token_probs(
-    pos_logits: torch.Tensor,
-    neg_logits: torch.Tensor,
-    labels: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    b: float = 1.0,
-    chunk_size: int = 256,
-) -> torch.Tensor:
-    """[B, T] float32 p_ce of each label on the mask, 0 elsewhere (logits [B, T, V] from each model)."""
-    if pos_logits.shape != neg_logits.shape:
-        raise ValueError(f"shape mismatch: {tuple(pos_logits.shape)} vs {tuple(neg_logits.shape)}")
-    B, T, V = pos_logits.shape
-    mask = _mask(mask, (B, T))
-    rows = _selected_rows(mask)
-    targets = labels.reshape(-1).index_select(0, rows).long()
-    pos_flat, neg_flat = pos_logits.reshape(B * T, V), neg_logits.reshape(B * T, V)
-    out = torch.empty(rows.numel(), dtype=torch.float32, device=pos_logits.device)
-    for s in range(0, rows.numel(), chunk_size):
-        r = rows[s : s + chunk_size]
-        z = _combine(pos_flat.index_select(0, r), neg_flat.index_select(0, r), b)
-        out[s : s + chunk_size] = _prob_of_target(z, targets[s : s + chunk_size])
-    return _scatter_rows(out, rows, (B, T))
 
 
 @torch.no_grad()
@@ -113,7 +87,7 @@ def scored_responses(labels: torch.Tensor, mask: torch.Tensor, p_ce: torch.Tenso
     """Per row {"token_ids": [...], "p_ce": [...]} over the masked-in positions, in order.
 
     Ids and weights come from the same positions of the same tensors, so what is stored in a
-    scored-pair file cannot drift out of alignment (DESIGN §2: store token ids with weights).
+    scored-pair file cannot drift out of alignment (docs/design.md §3: token ids are stored with their scores).
     """
     mask = _mask(mask, labels.shape)
     if p_ce.shape != labels.shape:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from cdpo.logprobs import CACHE_ARG, preallocated_cache, prefix_cache, shared_prefix_ids
+from cdpo.kv_cache import CACHE_ARG, preallocated_cache, prefix_cache, shared_prefix_ids
 
 
 @dataclass

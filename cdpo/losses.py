@@ -1,4 +1,4 @@
-"""Pure-torch reference losses on per-token log-probs (DESIGN §1, Table 1 of the paper).
+"""Pure-torch reference losses on per-token log-probs (docs/design.md §1, Table 1 of the paper).
 
 Conventions shared by everything here:
 - alignment is done by the caller: ``logits[:, t]`` scores ``labels[:, t]``;
@@ -12,8 +12,6 @@ what the training modules call.
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -61,71 +59,6 @@ def sequence_logps(
 # per-token log-probs
 
 
-class _ChunkedGatherLogProb(torch.autograd.Function):
-    """log_softmax(x)[y] for selected rows of a [N, V] matrix, one row chunk at a time.
-
-    Plain autograd would keep every chunk's float32 copy alive until backward; this saves only
-    the input (already alive) and the per-row log-sum-exp, and recomputes the softmax per chunk
-    in backward: d lp / d x = onehot(y) - softmax(x).
-    """
-
-    @staticmethod
-    def forward(ctx, flat_logits, rows, targets, chunk_size):
-        n = rows.numel()
-        out = torch.empty(n, dtype=torch.float32, device=flat_logits.device)
-        lse = torch.empty_like(out)
-        for s in range(0, n, chunk_size):
-            x = flat_logits.index_select(0, rows[s : s + chunk_size]).float()
-            lse[s : s + chunk_size] = torch.logsumexp(x, dim=-1)
-            tgt = x.gather(1, targets[s : s + chunk_size, None]).squeeze(1)
-            out[s : s + chunk_size] = tgt - lse[s : s + chunk_size]
-        ctx.save_for_backward(flat_logits, rows, targets, lse)
-        ctx.chunk_size = chunk_size
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        flat_logits, rows, targets, lse = ctx.saved_tensors
-        chunk = ctx.chunk_size
-        grad = torch.zeros_like(flat_logits)
-        for s in range(0, rows.numel(), chunk):
-            g = grad_out[s : s + chunk, None].float()
-            x = flat_logits.index_select(0, rows[s : s + chunk]).float()
-            d = -torch.exp(x - lse[s : s + chunk, None]) * g
-            d.scatter_add_(1, targets[s : s + chunk, None], g)
-            grad.index_copy_(0, rows[s : s + chunk], d.to(grad.dtype))
-        return grad, None, None, None
-
-
-def token_logprobs(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """[B, T] float32 log softmax(logits[b, t])[labels[b, t]] on the mask, 0 elsewhere.
-
-    Only masked-in rows are read, so garbage (inf/NaN) in prompt/padding logits and invalid labels
-    there (e.g. -100) are harmless. With ``chunk_size`` at most ``chunk_size`` rows of float32
-    vocabulary-sized values are alive at a time, in forward and in backward.
-    """
-    B, T, V = logits.shape
-    mask = _mask(mask, (B, T))
-    rows = _selected_rows(mask)
-    targets = labels.reshape(-1).index_select(0, rows).long()
-    flat = logits.reshape(B * T, V)
-    if chunk_size is None:
-        # Single pass with plain autograd: the simplest form, kept as an independent path.
-        x = flat.index_select(0, rows).float()
-        lp = x.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(x, dim=-1)
-    else:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        lp = _ChunkedGatherLogProb.apply(flat, rows, targets, int(chunk_size))
-    return _scatter_rows(lp, rows, (B, T))
-
-
 def _head_logprob_chunk(h, weight, bias, targets):
     # fp32 logits even inside a bf16 autocast region (Lightning's bf16-mixed): the reference
     # log-probs, computed outside autocast, must use the same numerics as the policy's
@@ -143,7 +76,8 @@ def token_logprobs_from_hidden(
     bias: torch.Tensor | None = None,
     chunk_size: int = 1024,
 ) -> torch.Tensor:
-    """Same as :func:`token_logprobs` of ``hidden @ weight.T + bias`` without building [B, T, V].
+    """[B, T] float32 log softmax(hidden @ weight.T + bias)[labels] on the mask, 0 elsewhere, without
+    building [B, T, V]; garbage (inf/NaN) in masked-out rows and invalid labels there are harmless.
 
     Only masked-in rows go through the head, ``chunk_size`` rows at a time. Under autograd each
     chunk is checkpointed (its logits are recomputed in backward), so memory stays one chunk.
@@ -282,7 +216,7 @@ def cdpo_loss(
     weights_chosen: torch.Tensor | None = None,
     beta: float = 0.1,
 ) -> tuple[torch.Tensor, Metrics]:
-    """cDPO (DESIGN §1 step 4): token-weighted DPO with w^r = 1 - p_ce (see :func:`cdpo_weights`)."""
+    """cDPO (docs/design.md §1, step 4): token-weighted DPO with w^r = 1 - p_ce (see :func:`cdpo_weights`)."""
     return dpo_loss(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, mask_chosen, mask_rejected,
         beta=beta, weights_chosen=weights_chosen, weights_rejected=weights_rejected,
@@ -382,27 +316,3 @@ def tdpo_loss(
     metrics["kl/chosen"] = kl_c.detach().mean()
     metrics["kl/rejected"] = kl_r.detach().mean()
     return loss, metrics
-
-
-# --------------------------------------------------------------------------------------------
-# registry
-
-LOSSES: dict[str, Callable[..., tuple[torch.Tensor, Metrics]]] = {
-    "sft": sft_loss,
-    "dpo": dpo_loss,
-    "rpo": rpo_loss,
-    "cdpo": cdpo_loss,
-    "tokendpo": tdpo_loss,
-}
-
-
-def get_loss(method: str) -> Callable[..., tuple[torch.Tensor, Metrics]]:
-    try:
-        return LOSSES[method]
-    except KeyError:
-        raise ValueError(f"unknown loss method {method!r}; available: {', '.join(sorted(LOSSES))}") from None
-
-
-def preference_loss(method: str, **kwargs) -> tuple[torch.Tensor, Metrics]:
-    """Dispatch ``method`` ("sft", "dpo", "rpo", "cdpo", "tokendpo") with keyword arguments."""
-    return get_loss(method)(**kwargs)

@@ -121,8 +121,10 @@ def loss_naive(inp, logps_fn=naive_logps):
 def loss_ours(inp, backend="torch"):
     import cdpo_kernels as ck
 
-    return ck.stacked_preference_loss("cdpo", inp["hidden"], inp["w"], inp["labels"], inp["mask"], inp["ref"],
-                                      weights=inp["weights"], beta=0.1, backend=backend)[0]
+    from cdpo.objectives import build
+
+    return ck.stacked_preference_loss(build("cdpo", beta=0.1), inp["hidden"], inp["w"], inp["labels"], inp["mask"],
+                                      inp["ref"], weights=inp["weights"], backend=backend)[0]
 
 
 def _rows(inp):

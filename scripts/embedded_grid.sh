@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Table 1 on the embedded benchmark, one command: SmolLM2-135M on arith, methods baseline, sft, dpo,
-# tokendpo, rpo, cdpo x seeds 0, 1, 2 (a Hydra multirun, conf/sweep/embedded.yaml), then the report
+# tokendpo, rpo, simpo, ipo, cdpo x seeds 0, 1, 2 (a Hydra multirun, conf/sweep/embedded.yaml), then the report
 # (Markdown + CSV table with significance tests, Figure-6 plot).
 #
 #   scripts/embedded_grid.sh                    # 45 min on a 2-core CPU with AVX512-BF16 after python train.py (README)

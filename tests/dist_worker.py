@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cdpo import distributed  # noqa: E402
 from cdpo.models import add_lora, save_adapter, tiny_llama  # noqa: E402
 from cdpo.modules import PairsDataModule, PreferenceModule  # noqa: E402
+from cdpo.objectives import build  # noqa: E402
 
 GLOBAL_BATCH, N_PAIRS, EPOCHS = 4, 16, 1  # 4 optimizer steps
 LAYER = "transformers.models.llama.modeling_llama.LlamaDecoderLayer"
@@ -123,7 +124,7 @@ def fit(strategy="auto", *, world: int = 1, dtype=torch.float32, precision: str 
     L.seed_everything(0, verbose=False)
     model = policy(dtype)
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    module = PreferenceModule(model, method="cdpo", beta=0.1, lr=5e-3, weight_decay=0.0, warmup_ratio=0.0)
+    module = PreferenceModule(model, build("cdpo", beta=0.1), lr=5e-3, weight_decay=0.0, warmup_ratio=0.0)
     records = pairs() if order is None else [pairs()[i] for i in order]
     dm = PairsDataModule(records, pad_id=2, batch_size=GLOBAL_BATCH // world, shuffle=False, with_weights=True,
                          max_length=64, max_prompt_length=32)

@@ -45,8 +45,8 @@ def test_every_experiment_preset_composes(preset):
 
 def test_default_is_the_embedded_pipeline():
     cfg = _compose()
-    assert (cfg.model.path, cfg.data.source, cfg.method.loss, cfg.trainer.accelerator) == (
-        "embedded:smollm2-135m-instruct", "arith", "cdpo", "cpu")
+    assert (cfg.model.path, cfg.data.source, cfg.method._target_, cfg.trainer.accelerator) == (
+        "embedded:smollm2-135m-instruct", "arith", "cdpo.objectives.CDPO", "cpu")
 
 
 def test_paper_settings_in_llama3_8b_cdpo():
@@ -103,7 +103,7 @@ PAPER_MODELS = ("llama3_8b", "llama3_70b", "deepseek_math_7b")
 TABLE1_METHODS = ("baseline", "sft", "dpo", "tokendpo", "rpo", "cdpo")
 PAPER_TEMPERATURES = {("llama3_8b", "gsm8k"): 0.5, ("llama3_70b", "gsm8k"): 0.85, ("deepseek_math_7b", "gsm8k"): 1.0,
                       ("llama3_8b", "math500"): 0.1, ("llama3_70b", "math500"): 0.15,
-                      ("deepseek_math_7b", "math500"): 0.3}  # DESIGN.md, step 1
+                      ("deepseek_math_7b", "math500"): 0.3}  # docs/design.md §1, step 1 (the paper)
 CELL_PRESETS = [f"{m}_{d}" for m in PAPER_MODELS for d in ("gsm8k", "math500")] + [
     "smollm2_135m_arith", "smollm2_135m_gsm8k"]
 

@@ -3,11 +3,8 @@
 import pytest
 import torch
 
-from cdpo.contrastive import (
-    contrastive_token_probs,
-    contrastive_token_probs_from_hidden,
-    scored_responses,
-)
+from cdpo.contrastive import contrastive_token_probs_from_hidden, scored_responses
+from oracles import contrastive_token_probs
 
 B, T, H, V = 3, 6, 5, 9
 

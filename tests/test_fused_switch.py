@@ -6,6 +6,7 @@ import torch
 from cdpo.data.collate import collate_pairs, collate_sequences
 from cdpo.models import add_lora, tiny_llama
 from cdpo.modules import ContrastiveScorer, PreferenceModule
+from cdpo.objectives import build
 
 
 def _policy():
@@ -31,13 +32,13 @@ def _pairs():
     return collate_pairs(items, pad_id=0, with_weights=True)
 
 
-@pytest.mark.parametrize("method", ["dpo", "rpo", "cdpo", "tokendpo"])
+@pytest.mark.parametrize("method", ["dpo", "rpo", "cdpo", "tokendpo", "simpo", "ipo"])
 def test_preference_loss_fused_equals_torch(method):
     model, batch = _policy(), _pairs()
     results = {}
     for impl in ("torch", "fused"):
         model.zero_grad()
-        loss, metrics = PreferenceModule(model, method=method, loss_impl=impl).compute_loss(batch)
+        loss, metrics = PreferenceModule(model, build(method), loss_impl=impl).compute_loss(batch)
         loss.backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
         results[impl] = (loss.detach(), metrics, grads)
@@ -61,3 +62,17 @@ def test_contrastive_scorer_fused_equals_torch():
     for a, b in zip(out["torch"], out["fused"]):
         assert a["token_ids"] == b["token_ids"]
         torch.testing.assert_close(torch.tensor(b["p_ce"]), torch.tensor(a["p_ce"]), rtol=1e-5, atol=1e-7)
+
+
+def test_fused_without_cuda_says_what_runs_instead_once(caplog, monkeypatch):
+    from cdpo import head
+
+    monkeypatch.setattr(head, "_said_fallback", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level("WARNING", logger="cdpo.head"):
+        assert head.head_ops("fused") is head.FusedHead and head.head_ops("fused") is head.FusedHead
+    said = [r.getMessage() for r in caplog.records if r.name == "cdpo.head"]
+    assert len(said) == 1 and "chunked torch tiles" in said[0]
+    assert head.head_ops("torch") is head.TorchHead
+    with pytest.raises(ValueError, match="loss_impl='triton': choose one of torch, fused"):
+        head.head_ops("triton")

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from transformers import LlamaConfig  # noqa: E402
 
 from cdpo.generation import Completion, GenerationStats, _finish, generate  # noqa: E402
-from cdpo.logprobs import CACHE_ARG  # noqa: E402
+from cdpo.kv_cache import CACHE_ARG  # noqa: E402
 from cdpo.models import load_tokenizer, tiny_llama_like_embedded  # noqa: E402
 
 

@@ -11,6 +11,7 @@ from cdpo_kernels import reference
 from cdpo_kernels.testing import leaf, random_problem, rel_err
 
 pytest.importorskip("cdpo.losses")
+from cdpo.objectives import build  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton missing"))]
@@ -56,8 +57,9 @@ def test_preference_loss_against_float64(backend, method, kw):
     extra = {}
     if method == "cdpo":
         extra = dict(weights_chosen=c["weights"], weights_rejected=r["weights"])  # NaN where masked
-    loss, metrics = ck.preference_loss(method, hc, hr, w, c["labels"], r["labels"], c["mask"], r["mask"],
-                                       ref_c, ref_r, bias=b, backend=backend, **kw, **extra)
+    objective = build(method, **{("nll_weight" if k == "alpha" else k): v for k, v in kw.items()})
+    loss, metrics = ck.preference_loss(objective, hc, hr, w, c["labels"], r["labels"], c["mask"], r["mask"],
+                                       ref_c, ref_r, bias=b, backend=backend, **extra)
     loss.backward()
     want_loss, want_metrics, want_grads = _expected(method, c, r, weight, bias, ref_c, ref_r, kw)
     assert abs(loss.item() - want_loss.item()) < 1e-5 * max(1.0, abs(want_loss.item()))
@@ -72,8 +74,8 @@ def test_preference_loss_against_float64(backend, method, kw):
 def test_cdpo_bf16_and_weights_matter(backend):
     c, r, ref_c, ref_r = _pair(torch.bfloat16, seed=12)
     hc, hr, w = leaf(c["hidden"], r["hidden"], c["weight"])
-    loss, _ = ck.preference_loss("cdpo", hc, hr, w, c["labels"], r["labels"], c["mask"], r["mask"], ref_c, ref_r,
-                                 weights_rejected=r["weights"], beta=0.5, backend=backend)
+    loss, _ = ck.preference_loss(build("cdpo", beta=0.5), hc, hr, w, c["labels"], r["labels"], c["mask"], r["mask"],
+                                 ref_c, ref_r, weights_rejected=r["weights"], backend=backend)
     loss.backward()
     want_loss, _, want_grads = _expected("cdpo", dict(c, weights=torch.ones_like(c["weights"])), r, c["weight"], None,
                                          ref_c, ref_r, dict(beta=0.5))
@@ -82,8 +84,8 @@ def test_cdpo_bf16_and_weights_matter(backend):
         assert got.dtype == torch.bfloat16
         assert rel_err(got, want) < 3e-2
     # Uniform weights must give a different loss (weights are really applied).
-    plain, _ = ck.preference_loss("dpo", hc, hr, w, c["labels"], r["labels"], c["mask"], r["mask"], ref_c, ref_r,
-                                  beta=0.5, backend=backend)
+    plain, _ = ck.preference_loss(build("dpo", beta=0.5), hc, hr, w, c["labels"], r["labels"], c["mask"], r["mask"],
+                                  ref_c, ref_r, backend=backend)
     assert abs(plain.item() - loss.item()) > 1e-4
 
 
@@ -120,9 +122,9 @@ def test_rejects_bad_arguments():
     c, r, ref_c, ref_r = _pair(torch.float32, seed=15)
     args = (c["hidden"], r["hidden"], c["weight"], c["labels"], r["labels"], c["mask"], r["mask"], ref_c, ref_r)
     with pytest.raises(ValueError, match="weights_rejected"):
-        ck.preference_loss("cdpo", *args)
+        ck.preference_loss(build("cdpo"), *args)
     with pytest.raises(ValueError, match="unknown method"):
-        ck.preference_loss("ipo", *args)
+        build("bogus")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -132,15 +134,15 @@ def test_stacked_batch_equals_separate(backend):
     r = random_problem(B=2, T=10, seed=17)
     ref_c, ref_r = torch.rand(2, 10) * -3, torch.rand(2, 10) * -3
     hc, hr, w = leaf(c["hidden"], r["hidden"], c["weight"])
-    loss, metrics = ck.preference_loss("cdpo", hc, hr, w, c["labels"], r["labels"], c["mask"], r["mask"], ref_c,
-                                       ref_r, weights_rejected=r["weights"], beta=0.2, backend=backend)
+    loss, metrics = ck.preference_loss(build("cdpo", beta=0.2), hc, hr, w, c["labels"], r["labels"], c["mask"],
+                                       r["mask"], ref_c, ref_r, weights_rejected=r["weights"], backend=backend)
     loss.backward()
     h = torch.cat([c["hidden"], r["hidden"]]).requires_grad_()
     w2 = c["weight"].clone().requires_grad_()
     weights = torch.cat([torch.ones(2, 10), r["weights"]])
     loss2, metrics2 = ck.stacked_preference_loss(
-        "cdpo", h, w2, torch.cat([c["labels"], r["labels"]]), torch.cat([c["mask"], r["mask"]]),
-        torch.cat([ref_c, ref_r]), weights=weights, beta=0.2, backend=backend)
+        build("cdpo", beta=0.2), h, w2, torch.cat([c["labels"], r["labels"]]), torch.cat([c["mask"], r["mask"]]),
+        torch.cat([ref_c, ref_r]), weights=weights, backend=backend)
     loss2.backward()
     assert abs(loss.item() - loss2.item()) < 1e-6
     assert all(abs(metrics[k].item() - metrics2[k].item()) < 1e-5 for k in METRICS)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cdpo import losses as L
+import oracles as O
 
 GARBAGE = [float("nan"), float("inf"), -float("inf"), 1e30, -1e30]
 
@@ -418,10 +419,10 @@ def _logits_case(seed=0, B=3, T=5, V=11):
 def test_token_logprobs_ignores_masked_logits_and_labels(chunk_size):
     logits, labels, mask = _logits_case()
     clean = logits.clone().requires_grad_()
-    out_clean = L.token_logprobs(clean, labels, mask, chunk_size=chunk_size)
+    out_clean = O.token_logprobs(clean, labels, mask, chunk_size=chunk_size)
     dirty = _with_garbage(logits, mask).requires_grad_()
     bad_labels = torch.where(mask, labels, torch.full_like(labels, -100))
-    out_dirty = L.token_logprobs(dirty, bad_labels, mask, chunk_size=chunk_size)
+    out_dirty = O.token_logprobs(dirty, bad_labels, mask, chunk_size=chunk_size)
     assert torch.equal(out_clean, out_dirty)
     assert torch.all(out_dirty[~mask] == 0)
     coef = torch.randn(out_clean.shape, generator=torch.Generator().manual_seed(3))
@@ -457,7 +458,7 @@ def test_token_logprobs_chunked_unchunked_hidden_and_float64():
             out = L.token_logprobs_from_hidden(h, w, labels, mask, bias=b, chunk_size=2)
         else:
             logits = h @ w.T + b
-            out = L.token_logprobs(logits, labels, mask, chunk_size=None if name == "unchunked" else 3)
+            out = O.token_logprobs(logits, labels, mask, chunk_size=None if name == "unchunked" else 3)
         (out * coef).sum().backward()
         assert out.dtype == torch.float32
         _assert_close(out, ref)
@@ -477,11 +478,11 @@ def test_token_logprobs_upcasts_half_precision():
     lb = logits.bfloat16()
     ref = naive_log_softmax_at(lb.double(), labels, mask)
     for cs in (None, 2):
-        out = L.token_logprobs(lb, labels, mask, chunk_size=cs)
+        out = O.token_logprobs(lb, labels, mask, chunk_size=cs)
         assert out.dtype == torch.float32
         _assert_close(out, ref)
     x = lb.clone().requires_grad_()
-    L.token_logprobs(x, labels, mask, chunk_size=2).sum().backward()
+    O.token_logprobs(x, labels, mask, chunk_size=2).sum().backward()
     assert x.grad.dtype == torch.bfloat16
 
 
@@ -554,8 +555,8 @@ def _tdpo_inputs(seed=0):
 def _tdpo_ours(chosen, rejected, variant, beta, alpha, pol_c, pol_r):
     (ref_c, _, mc, yc), (ref_r, _, mr, yr) = chosen, rejected
     return L.tdpo_loss(
-        L.token_logprobs(pol_c, yc, mc, chunk_size=2), L.token_logprobs(pol_r, yr, mr),
-        L.token_logprobs(ref_c, yc, mc), L.token_logprobs(ref_r, yr, mr), mc, mr,
+        O.token_logprobs(pol_c, yc, mc, chunk_size=2), O.token_logprobs(pol_r, yr, mr),
+        O.token_logprobs(ref_c, yc, mc), O.token_logprobs(ref_r, yr, mr), mc, mr,
         L.sequential_kl(ref_c, pol_c, mc, chunk_size=3), L.sequential_kl(ref_r, pol_r, mr),
         beta=beta, alpha=alpha, variant=variant,
     )
@@ -633,21 +634,24 @@ def test_tdpo_rejects_unknown_variant():
         L.tdpo_loss(**batch, kl_chosen=torch.zeros(3), kl_rejected=torch.zeros(3), variant=3)
 
 
-# ---------------------------------------------------------------------------- registry
+# ---------------------------------------------------------------------------- objectives registry
 
 
-def test_registry_dispatch_and_unknown_method():
+def test_objectives_dispatch_to_the_loss_functions_and_refuse_unknown_methods():
+    from cdpo.objectives import REGISTRY, PairLogps, build
+
     batch = _pair_batch(seed=12)
-    assert {"dpo", "rpo", "cdpo", "tokendpo"} <= set(L.LOSSES)
+    assert {"dpo", "rpo", "cdpo", "tokendpo", "simpo", "ipo"} <= set(REGISTRY)
+    logps = PairLogps(batch["policy_chosen"], batch["policy_rejected"], batch["mask_chosen"], batch["mask_rejected"],
+                      ref_chosen=batch["ref_chosen"], ref_rejected=batch["ref_rejected"])
     direct = L.dpo_loss(**batch, beta=0.2)[0]
-    assert torch.equal(L.preference_loss("dpo", **batch, beta=0.2)[0], direct)
+    assert torch.equal(build("dpo", beta=0.2).loss(logps)[0], direct)
     wr = torch.rand(batch["policy_rejected"].shape)
-    assert torch.equal(
-        L.preference_loss("cdpo", **batch, weights_rejected=wr)[0],
-        L.cdpo_loss(**batch, weights_rejected=wr)[0],
-    )
+    logps.weights_rejected = wr
+    assert torch.equal(build("cdpo").loss(logps)[0], L.cdpo_loss(**batch, weights_rejected=wr)[0])
     kl = dict(kl_chosen=torch.rand(3), kl_rejected=torch.rand(3))
-    assert torch.equal(L.preference_loss("tokendpo", **batch, **kl)[0], L.tdpo_loss(**batch, **kl)[0])
-    assert math.isfinite(float(L.preference_loss("rpo", **batch)[0]))
-    with pytest.raises(ValueError, match="cdpo.*dpo.*rpo.*tokendpo"):
-        L.preference_loss("ipo", **batch)
+    logps.kl_chosen, logps.kl_rejected = kl["kl_chosen"], kl["kl_rejected"]
+    assert torch.equal(build("tokendpo").loss(logps)[0], L.tdpo_loss(**batch, **kl)[0])
+    assert math.isfinite(float(build("rpo").loss(logps)[0]))
+    with pytest.raises(ValueError, match="baseline.*sft.*dpo.*tokendpo.*rpo"):
+        build("bogus")

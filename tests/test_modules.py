@@ -16,10 +16,11 @@ import torch.nn.functional as F
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from cdpo import losses  # noqa: E402
-from cdpo.contrastive import contrastive_token_probs  # noqa: E402
+from oracles import contrastive_token_probs  # noqa: E402
 from cdpo.data.collate import collate_pairs, collate_sequences  # noqa: E402
 from cdpo.models import add_lora, reference_model, tiny_llama, use_adapter  # noqa: E402
 from cdpo.modules import ContrastiveScorer, PairsDataModule, PreferenceModule, SequencesDataModule, SFTModule  # noqa: E402
+from cdpo.objectives import build  # noqa: E402
 
 
 
@@ -107,7 +108,7 @@ def _sums(setup):
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_dpo_matches_independent_logps(setup, side):
     batch = collate_pairs(setup["items"], pad_id=PAD, padding_side=side)
-    module = PreferenceModule(setup["policy"], method="dpo", beta=BETA)
+    module = PreferenceModule(setup["policy"], build("dpo", beta=BETA))
     with torch.no_grad():
         loss, metrics = module.compute_loss(batch)
     mc, mr = batch["chosen"]["mask"], batch["rejected"]["mask"]
@@ -127,7 +128,7 @@ def test_dpo_matches_independent_logps(setup, side):
 def test_dpo_with_precomputed_reference(setup):
     items = [dict(it, ref_chosen=c.tolist(), ref_rejected=r.tolist())
              for it, c, r in zip(setup["items"], setup["ref_c"], setup["ref_r"])]
-    module = PreferenceModule(setup["policy"], method="dpo", beta=BETA)
+    module = PreferenceModule(setup["policy"], build("dpo", beta=BETA))
     with torch.no_grad():
         live, _ = module.compute_loss(collate_pairs(setup["items"], pad_id=PAD))
         cached_batch = collate_pairs(items, pad_id=PAD, with_ref=True)
@@ -148,7 +149,7 @@ def test_dpo_with_precomputed_reference(setup):
 @pytest.mark.parametrize("chosen_weighting", ["only_neg", "p_ce"])
 def test_cdpo_weights_from_batch(setup, chosen_weighting):
     batch = collate_pairs(setup["items"], pad_id=PAD, with_weights=True)
-    module = PreferenceModule(setup["policy"], method="cdpo", beta=BETA, chosen_weighting=chosen_weighting)
+    module = PreferenceModule(setup["policy"], build("cdpo", beta=BETA, chosen_weighting=chosen_weighting))
     with torch.no_grad():
         loss, _ = module.compute_loss(batch)
     items = setup["items"]
@@ -168,18 +169,18 @@ def test_cdpo_weights_from_batch(setup, chosen_weighting):
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
     # and it is not plain DPO
     with torch.no_grad():
-        dpo, _ = PreferenceModule(setup["policy"], method="dpo", beta=BETA).compute_loss(batch)
+        dpo, _ = PreferenceModule(setup["policy"], build("dpo", beta=BETA)).compute_loss(batch)
     assert not torch.allclose(loss, dpo, atol=1e-5)
 
 
 def test_cdpo_without_weights_raises(setup):
-    module = PreferenceModule(setup["policy"], method="cdpo")
+    module = PreferenceModule(setup["policy"], build("cdpo"))
     with pytest.raises(ValueError, match="scored pairs"):
         module.compute_loss(collate_pairs(setup["items"], pad_id=PAD))
 
 
 def test_rpo(setup):
-    module = PreferenceModule(setup["policy"], method="rpo", beta=BETA, rpo_alpha=0.7)
+    module = PreferenceModule(setup["policy"], build("rpo", beta=BETA, nll_weight=0.7))
     with torch.no_grad():
         loss, _ = module.compute_loss(collate_pairs(setup["items"], pad_id=PAD, padding_side="left"))
     d_c, d_r = _sums(setup)
@@ -199,11 +200,12 @@ def _row_kl(policy, ref, prompt, response):
 def test_tokendpo_kl_and_loss(setup, variant):
     policy, ref, items = setup["policy"], setup["ref"], setup["items"]
     batch = collate_pairs(items, pad_id=PAD, padding_side="left")
-    module = PreferenceModule(policy, method="tokendpo", beta=BETA, tdpo_alpha=0.5, tdpo_variant=variant)
+    module = PreferenceModule(policy, build("tokendpo", beta=BETA, kl_weight=0.5, variant=variant))
     kl = {}
     with torch.no_grad():
+        out = module.pair_logps(batch)
         for side in ("chosen", "rejected"):
-            pol_lp, _, kl[side] = module._sequential_kl(batch[side])
+            pol_lp, kl[side] = getattr(out, f"policy_{side}"), getattr(out, f"kl_{side}")
             expected = torch.stack([_row_kl(policy, ref, it["prompt_ids"], it[f"{side}_ids"]) for it in items])
             torch.testing.assert_close(kl[side], expected, atol=1e-5, rtol=1e-4)
             assert (kl[side] > 1e-4).all()
@@ -257,7 +259,7 @@ def test_preference_training_changes_only_lora(method):
     model = add_lora(tiny_llama(seed=0), "policy", **LORA)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     dm = PairsDataModule(_pairs(seed=4, n=4), pad_id=PAD, batch_size=2, with_weights=method == "cdpo")
-    trainer = _fit(PreferenceModule(model, method=method, lr=1e-2, weight_decay=0.0), dm)
+    trainer = _fit(PreferenceModule(model, build(method), lr=1e-2, weight_decay=0.0), dm)
     assert trainer.global_step == 2
     for key in ("loss", "rewards/margins", "nll"):
         assert math.isfinite(float(trainer.callback_metrics[key])), key

@@ -3,7 +3,7 @@ import torch
 from omegaconf import OmegaConf
 
 from cdpo.data.collate import collate_sequences
-from cdpo.logprobs import common_prefix_length
+from cdpo.kv_cache import common_prefix_length
 from cdpo.models import add_lora, tiny_llama
 from cdpo.modules import ContrastiveScorer
 from cdpo.pipeline.score import shared_prefix

@@ -38,10 +38,13 @@ def _compose_all(override_lists):
 
 def test_sweep_presets_cover_table1_and_the_ablations():
     assert {"table1", "embedded", *ABLATIONS} <= set(SWEEPS)
-    assert _hydra_grid("embedded") == {"method": ["baseline", "sft", "dpo", "tokendpo", "rpo", "cdpo"],
-                                       "seed": ["0", "1", "2"]}
+    from cdpo.objectives import REGISTRY
+
+    # every registered objective is a row of both grids, in the report's order (one list: the registry)
+    assert _hydra_grid("embedded") == {"method": list(REGISTRY), "seed": ["0", "1", "2"]}
     table1 = _hydra_grid("table1")
-    assert len(table1["+experiment"]) * len(table1["method"]) * len(table1["seed"]) == 108
+    assert table1["method"] == list(REGISTRY)
+    assert len(table1["+experiment"]) * len(table1["method"]) * len(table1["seed"]) == 6 * 8 * 3
 
 
 @pytest.mark.parametrize("name", SWEEPS)
@@ -101,10 +104,10 @@ def test_embedded_grid_script_end_to_end(tmp_path):
     log = proc.stdout
     ran = {stage: log.count(f"[{stage}] running") for stage in ("sample", "select", "sft_pos", "sft_neg", "score",
                                                                  "align", "eval")}
-    assert ran == {"sample": 0, "select": 1, "sft_pos": 1, "sft_neg": 1, "score": 1, "align": 10, "eval": 12}
+    assert ran == {"sample": 0, "select": 1, "sft_pos": 1, "sft_neg": 1, "score": 1, "align": 14, "eval": 16}
     assert read_jsonl(run / "trajectories.jsonl") == trajectories  # no job resampled
 
-    methods = ("baseline", "sft", "dpo", "tokendpo", "rpo", "cdpo")
+    methods = ("baseline", "sft", "dpo", "tokendpo", "rpo", "simpo", "ipo", "cdpo")
     for method in methods:
         for seed in (0, 1):
             assert (run / f"{method}-seed{seed}" / "eval.jsonl").exists(), (method, seed)
@@ -115,10 +118,10 @@ def test_embedded_grid_script_end_to_end(tmp_path):
 
     md = (out.parent / "embedded.md").read_text()
     assert md in log  # the report printed what it wrote
-    for label in ("Baseline", "+ SFT", "+ DPO", "+ TokenDPO", "+ RPO", "+ cDPO"):
+    for label in ("Baseline", "+ SFT", "+ DPO", "+ TokenDPO", "+ RPO", "+ SimPO", "+ IPO", "+ cDPO"):
         assert f"| {label} | 0.0 ± 0.0 |" in md  # a random model: 0 of 3 questions, 2 seeds each
-    assert sum(line.startswith("| arith tiny |") for line in md.splitlines()) == 5  # cDPO vs each other method
+    assert sum(line.startswith("| arith tiny |") for line in md.splitlines()) == 7  # cDPO vs each other method
     csv_rows = (out.parent / "embedded.csv").read_text().splitlines()
-    assert len(csv_rows) == 7 and all(",2,0;1," in r for r in csv_rows[1:])
+    assert len(csv_rows) == 9 and all(",2,0;1," in r for r in csv_rows[1:])
     png = out.parent / "embedded-tiny-arith-logps.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and f"]({png.name})" in md

@@ -12,9 +12,10 @@ from __future__ import annotations
 import lightning as L
 import torch
 
-from cdpo.contrastive import contrastive_token_probs_from_hidden, scored_responses
-from cdpo.logprobs import (backbone_and_head, grouped_response_hidden_states, hidden_states,
-                           hidden_states_after_prefix, prefix_cache)
+from cdpo.contrastive import scored_responses
+from cdpo.head import head_ops
+from cdpo.kv_cache import grouped_response_hidden_states, hidden_states_after_prefix, prefix_cache
+from cdpo.logprobs import backbone_and_head, hidden_states
 from cdpo.models import use_adapter
 
 
@@ -23,7 +24,8 @@ class ContrastiveScorer(L.LightningModule):
                  neg_model=None, loss_impl: str = "torch", prefix_ids: list[int] | None = None):
         super().__init__()
         self.model, self.neg_model = model, neg_model
-        self.b, self.pos_adapter, self.neg_adapter, self.loss_impl = b, pos_adapter, neg_adapter, loss_impl
+        self.b, self.pos_adapter, self.neg_adapter = b, pos_adapter, neg_adapter
+        self.loss_impl, self.head = loss_impl, head_ops(loss_impl)
         self.prefix_ids = list(prefix_ids or [])
         self._caches: dict[str, object] = {}
 
@@ -60,11 +62,7 @@ class ContrastiveScorer(L.LightningModule):
         kw = dict(b=self.b, bias=getattr(head, "bias", None))
         if head_neg is not None:
             kw.update(weight_neg=head_neg.weight, bias_neg=getattr(head_neg, "bias", None))
-        if self.loss_impl == "fused":
-            from cdpo_kernels import contrastive_token_probs as fused_ce
-
-            return fused_ce(h_pos, h_neg, head.weight, targets, mask, **kw)
-        return contrastive_token_probs_from_hidden(h_pos, h_neg, head.weight, targets, mask, **kw)
+        return self.head.contrastive_token_probs(h_pos, h_neg, head.weight, targets, mask, **kw)
 
     @torch.no_grad()
     def predict_step(self, batch, batch_idx):

@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cdpo.generation import GenerationStats
 from cdpo.io import read_jsonl, write_json, write_jsonl
+from cdpo.objectives import from_config as objective_of
 from cdpo.pipeline import context
 from cdpo.pipeline.artifacts import RunPaths
 from cdpo.pipeline.sample import generate_graded
@@ -59,7 +60,7 @@ def adapter_for(paths: RunPaths, label: str) -> Path | None:
 
 def run(cfg: DictConfig, paths: RunPaths) -> dict:
     tok = context.tokenizer(cfg)
-    baseline = cfg.method.loss == "none"  # the base model is the method's own result
+    baseline = objective_of(cfg.method).trains_on == "nothing"  # the base model is the method's own result
     labels = [cfg.method.name] if baseline else list(dict.fromkeys([*cfg.compare, cfg.method.name]))
     results, todo = {}, []
     for label in labels:

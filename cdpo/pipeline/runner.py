@@ -9,6 +9,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from cdpo import distributed
+from cdpo.objectives import from_config as objective_of
 from cdpo.pipeline import evaluate, sample, score, select, training
 from cdpo.pipeline.artifacts import (RunPaths, changed_settings, invalidate_after, is_done, mark_done,
                                      reuse_stage)
@@ -18,10 +19,11 @@ STAGES = ("sample", "select", "sft_pos", "sft_neg", "score", "align", "eval")
 
 def _stages_for(cfg: DictConfig) -> list[str]:
     if cfg.stage == "all":
-        if cfg.method.loss == "none":  # the baseline: the base model, evaluated as it is
+        objective = objective_of(cfg.method)
+        if objective.trains_on == "nothing":  # the baseline: the base model, evaluated as it is
             return ["eval"]
         stages = list(STAGES)
-        if cfg.method.loss != "cdpo":  # only cDPO consumes the CE scores (and the negative model)
+        if not objective.needs_scores:  # the CE scores (and the negative model) serve only such objectives
             stages = [s for s in stages if s not in ("score", "sft_neg")]
             if "sft" not in cfg.compare or cfg.method.name == "sft":  # then "sft" is the aligned model
                 stages.remove("sft_pos")

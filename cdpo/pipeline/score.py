@@ -10,7 +10,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from cdpo.logprobs import shared_prefix_ids
+from cdpo.kv_cache import shared_prefix_ids
 from cdpo.models import load_adapter
 from cdpo.modules import ContrastiveScorer, SequencesDataModule
 from cdpo.pipeline import context

@@ -1,4 +1,4 @@
-"""Stage `select`: the positive set, the negative set and the preference pairs (DESIGN §1 step 2).
+"""Stage `select`: the positive set, the negative set and the preference pairs (docs/design.md §1, step 2).
 
 Per question, samples are grouped by extracted answer, most frequent first.
 - positives: top_k correct trajectories;

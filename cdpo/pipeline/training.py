@@ -16,12 +16,10 @@ from cdpo.data.collate import collate_pairs
 from cdpo.io import write_jsonl
 from cdpo.logprobs import response_logps
 from cdpo.models import add_lora, model_summary, reference_model, save_adapter
+from cdpo.objectives import from_config as objective_of
 from cdpo.modules import PairsDataModule, PreferenceModule, SequencesDataModule, SFTModule
 from cdpo.pipeline import context
 from cdpo.pipeline.artifacts import RunPaths, load, stage_signature
-
-REF_METHODS = ("dpo", "rpo", "cdpo")  # methods that need only reference log-probs
-
 
 def _lora(peft_cfg: DictConfig) -> dict:
     if not peft_cfg.r:
@@ -121,32 +119,30 @@ def _ref_key(cfg: DictConfig, pair: dict) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
+def _optim(cfg: DictConfig) -> dict:
+    a = cfg.align
+    return dict(lr=a.lr, weight_decay=a.weight_decay, warmup_ratio=a.warmup_ratio, loss_impl=cfg.loss_impl)
+
+
 def preference_module(cfg: DictConfig, policy) -> PreferenceModule:
-    """The preference loss `method=...` asks for, with its settings (beta, alpha, chosen weights ...)."""
-    method, a = cfg.method, cfg.align
-    return PreferenceModule(
-        policy, method=method.loss, beta=method.beta, label_smoothing=method.get("label_smoothing", 0.0),
-        rpo_alpha=method.get("alpha", 1.0) if method.loss == "rpo" else 1.0,
-        tdpo_alpha=method.get("alpha", 0.5) if method.loss == "tokendpo" else 0.5,
-        tdpo_variant=method.get("variant", 2), chosen_weighting=method.get("chosen_weighting", "only_neg"),
-        lr=a.lr, weight_decay=a.weight_decay, warmup_ratio=a.warmup_ratio, loss_impl=cfg.loss_impl)
+    """The PreferenceModule of the objective `method=...` configures, with the align settings."""
+    return PreferenceModule(policy, objective_of(cfg.method), **_optim(cfg))
 
 
 def train_align(cfg: DictConfig, paths: RunPaths) -> dict:
-    method = cfg.method
-    if method.loss == "none":
-        raise ValueError(f"method={method.name} trains nothing: it has no align stage (run stage=eval or all)")
+    objective = objective_of(cfg.method)
+    if objective.trains_on == "nothing":
+        raise ValueError(f"method={objective.name} trains nothing: it has no align stage (run stage=eval or all)")
     tok = context.tokenizer(cfg)
     a = cfg.align
     policy = add_lora(context.base_model(cfg, for_training=True), "policy", **_lora(cfg.peft))
     kw = _data_kw(cfg, tok, a.batch_size, cfg.seed)
-    if method.loss == "sft":
-        module = SFTModule(policy, lr=a.lr, weight_decay=a.weight_decay, warmup_ratio=a.warmup_ratio,
-                           loss_impl=cfg.loss_impl)
+    if objective.trains_on == "positives":
+        module = SFTModule(policy, **_optim(cfg))
         dm = SequencesDataModule(load(paths.positives), **kw)
     else:
-        pairs = load(paths.scored_pairs if method.loss == "cdpo" else paths.pairs)
-        with_ref = bool(a.precompute_ref) and method.loss in REF_METHODS
+        pairs = load(paths.scored_pairs if objective.needs_scores else paths.pairs)
+        with_ref = bool(a.precompute_ref) and objective.uses_cached_reference
         if with_ref and distributed.planned_processes(cfg.trainer) > 1:
             # every process would compute (and write) all of them: the reference runs in each step instead
             print("[align] several processes: reference log-probs are computed in each training step "
@@ -155,9 +151,9 @@ def train_align(cfg: DictConfig, paths: RunPaths) -> dict:
         if with_ref:
             for pair, ref in zip(pairs, reference_logps(cfg, paths, pairs, tok, policy)):
                 pair.update(ref_chosen=ref["ref_chosen"], ref_rejected=ref["ref_rejected"])
-        module = preference_module(cfg, policy)
-        dm = PairsDataModule(pairs, with_weights=method.loss == "cdpo", with_ref=with_ref, **kw)
+        module = PreferenceModule(policy, objective, **_optim(cfg))
+        dm = PairsDataModule(pairs, with_weights=objective.needs_scores, with_ref=with_ref, **kw)
     sizes = model_summary(policy)
-    summary = _fit(cfg, f"align_{method.name}_seed{cfg.seed}", module, dm, adapter="policy",
+    summary = _fit(cfg, f"align_{objective.name}_seed{cfg.seed}", module, dm, adapter="policy",
                    path=paths.aligned_adapter, epochs=a.epochs, grad_accum=a.grad_accum, stage="align", history=paths.history)
     return {**summary, **sizes}

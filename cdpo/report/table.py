@@ -8,14 +8,14 @@ import io
 from collections import defaultdict
 from statistics import mean
 
+from cdpo.objectives import row_labels
 from cdpo.report.collect import Result
 from cdpo.report.stats import mcnemar_exact, mean_std, paired_bootstrap
 
 MODEL_NAMES = {"llama3_8b": "Llama-3 8B", "llama3_70b": "Llama-3 70B", "deepseek_math_7b": "DeepSeek-math 7B",
                "smollm2_135m": "SmolLM2 135M", "tiny": "tiny"}
 DATA_NAMES = {"gsm8k": "GSM8K", "math500": "MATH500", "arith": "arith"}
-METHOD_NAMES = {"baseline": "Baseline", "sft": "+ SFT", "dpo": "+ DPO", "tokendpo": "+ TokenDPO", "rpo": "+ RPO",
-                "cdpo": "+ cDPO"}
+METHOD_NAMES = row_labels()  # Table 1's rows in order, from the objectives themselves
 
 
 def _order(names, preferred) -> list:

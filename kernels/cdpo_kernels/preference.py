@@ -1,9 +1,9 @@
-"""Token-weighted preference loss (DPO, RPO, cDPO) from hidden states in one fused call.
+"""Preference losses (DPO, RPO, cDPO, IPO, SimPO, ...) from hidden states in one fused call.
 
 Chosen and rejected rows are selected by their masks, stacked, and scored by a single
 :class:`LinearLogprobFunction` call (one pass over the head for the whole pair batch). The
-per-token log-probs then go through the reference formulas in :mod:`cdpo.losses`, so the fused
-and the pure-torch training paths share one definition of every loss and metric.
+per-token log-probs then go to the objective (``cdpo.objectives``), so the fused and the
+pure-torch training paths share one definition of every loss and metric.
 """
 
 from __future__ import annotations
@@ -12,8 +12,6 @@ import torch
 
 from .logprob import linear_logprobs, token_logprobs
 from .tiling import scatter_rows, select_rows, select_values
-
-METHODS = ("dpo", "rpo", "cdpo")
 
 
 def policy_logprobs_pair(hidden_chosen, hidden_rejected, weight, labels_chosen, labels_rejected,
@@ -28,31 +26,18 @@ def policy_logprobs_pair(hidden_chosen, hidden_rejected, weight, labels_chosen, 
             scatter_rows(lp_r, sel_r, tuple(mask_rejected.shape)))
 
 
-def _check(method, weights_chosen, weights_rejected):
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if method == "cdpo" and weights_rejected is None:
-        raise ValueError("cdpo needs weights_rejected (1 - p_ce of the rejected tokens)")
-    if method == "rpo" and (weights_chosen is not None or weights_rejected is not None):
-        raise ValueError("rpo takes no token weights")
+def _objective_loss(objective, pol_c, pol_r, ref_c, ref_r, mask_c, mask_r, weights_c, weights_r):
+    from cdpo.objectives import PairLogps  # imported lazily (cdpo imports us lazily too)
+
+    return objective.loss(PairLogps(pol_c, pol_r, mask_c, mask_r, ref_chosen=ref_c, ref_rejected=ref_r,
+                                    weights_chosen=weights_c, weights_rejected=weights_r))
 
 
-def _score(method, pol_c, pol_r, ref_c, ref_r, mask_c, mask_r, *, beta, label_smoothing, alpha,
-           weights_chosen, weights_rejected):
-    from cdpo import losses  # the reference formulas; imported lazily (cdpo imports us lazily too)
-
-    args = (pol_c, pol_r, ref_c, ref_r, mask_c, mask_r)
-    if method == "rpo":
-        return losses.rpo_loss(*args, beta=beta, alpha=alpha)
-    return losses.dpo_loss(*args, beta=beta, label_smoothing=label_smoothing,
-                           weights_chosen=weights_chosen, weights_rejected=weights_rejected)
-
-
-def preference_loss(method, hidden_chosen, hidden_rejected, weight, labels_chosen, labels_rejected,
-                    mask_chosen, mask_rejected, ref_chosen, ref_rejected, *, bias=None, beta=0.1,
-                    label_smoothing=0.0, alpha=1.0, weights_chosen=None, weights_rejected=None,
-                    backend=None):
-    """(loss, metrics) of ``method`` in {"dpo", "rpo", "cdpo"}; chosen and rejected may differ in T.
+def preference_loss(objective, hidden_chosen, hidden_rejected, weight, labels_chosen, labels_rejected,
+                    mask_chosen, mask_rejected, ref_chosen=None, ref_rejected=None, *, bias=None,
+                    weights_chosen=None, weights_rejected=None, backend=None):
+    """(loss, metrics) of a pair objective (``cdpo.objectives``: DPO, RPO, cDPO, IPO, SimPO, ...) whose
+    inputs are token log-probs; chosen and rejected may differ in T.
 
     ``ref_chosen`` / ``ref_rejected`` are precomputed per-token reference log-probs [B, T];
     ``weights_*`` per-token weights (cDPO: weights_rejected = 1 - p_ce; None = all ones). Metric
@@ -61,16 +46,14 @@ def preference_loss(method, hidden_chosen, hidden_rejected, weight, labels_chose
     copy of the hidden states); when the model already ran chosen and rejected as one batch,
     :func:`stacked_preference_loss` avoids that copy.
     """
-    _check(method, weights_chosen, weights_rejected)
     pol_c, pol_r = policy_logprobs_pair(hidden_chosen, hidden_rejected, weight, labels_chosen, labels_rejected,
                                         mask_chosen, mask_rejected, bias=bias, backend=backend)
-    return _score(method, pol_c, pol_r, ref_chosen, ref_rejected, mask_chosen, mask_rejected, beta=beta,
-                  label_smoothing=label_smoothing, alpha=alpha, weights_chosen=weights_chosen,
-                  weights_rejected=weights_rejected)
+    return _objective_loss(objective, pol_c, pol_r, ref_chosen, ref_rejected, mask_chosen, mask_rejected,
+                           weights_chosen, weights_rejected)
 
 
-def stacked_preference_loss(method, hidden, weight, labels, mask, ref_logps, *, weights=None, bias=None,
-                            beta=0.1, label_smoothing=0.0, alpha=1.0, backend=None):
+def stacked_preference_loss(objective, hidden, weight, labels, mask, ref_logps=None, *, weights=None, bias=None,
+                            backend=None):
     """Same as :func:`preference_loss` for one concatenated batch: rows [0, B) chosen, [B, 2B) rejected
     (the layout of TRL's / Liger's concatenated forward). ``hidden [2B, T, H]``, everything else
     [2B, T]; ``weights`` covers both halves (cDPO "only_neg": ones on the chosen half). With a
@@ -80,7 +63,6 @@ def stacked_preference_loss(method, hidden, weight, labels, mask, ref_logps, *, 
         raise ValueError(f"stacked batch needs an even number of rows, got {hidden.shape[0]}")
     half = hidden.shape[0] // 2
     w_c, w_r = (weights[:half], weights[half:]) if weights is not None else (None, None)
-    _check(method, w_c, w_r)
+    ref_c, ref_r = (ref_logps[:half], ref_logps[half:]) if ref_logps is not None else (None, None)
     lp = token_logprobs(hidden, weight, labels, mask, bias=bias, backend=backend)
-    return _score(method, lp[:half], lp[half:], ref_logps[:half], ref_logps[half:], mask[:half], mask[half:],
-                  beta=beta, label_smoothing=label_smoothing, alpha=alpha, weights_chosen=w_c, weights_rejected=w_r)
+    return _objective_loss(objective, lp[:half], lp[half:], ref_c, ref_r, mask[:half], mask[half:], w_c, w_r)
