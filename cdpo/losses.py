@@ -13,6 +13,8 @@ what the training modules call.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -221,6 +223,53 @@ def cdpo_loss(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, mask_chosen, mask_rejected,
         beta=beta, weights_chosen=weights_chosen, weights_rejected=weights_rejected,
     )
+
+
+def _response_aligned(values: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, width] float32: row b's masked-in values in order from column 0 (the k-th response token in
+    column k), zeros after; only masked-in slots are read."""
+    B = mask.shape[0]
+    rows, cols = mask.nonzero(as_tuple=True)
+    index = (mask.long().cumsum(-1) - 1)[rows, cols]
+    return values.new_zeros(B, width, dtype=torch.float32).index_put((rows, index), values[rows, cols].float())
+
+
+def cdpo_per_position_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    mask_chosen: torch.Tensor,
+    mask_rejected: torch.Tensor,
+    *,
+    weights_rejected: torch.Tensor,
+    weights_chosen: torch.Tensor | None = None,
+    beta: float = 0.1,
+) -> torch.Tensor:
+    """cDPO in the form of the authors' training code: a sigmoid per position, not per sequence.
+
+    The k-th response token of the chosen and of the rejected response are paired (in the authors'
+    right-padded batches they sit at the same position, the prompt being shared), and each pair gives
+    -log sigmoid(beta (w^c_k D^c_k - w^r_k D^r_k)), with D = 0 past a response's end. The mean runs over
+    every position of the padded pair batch, B x max(Tc, Tr): prompt and padding positions count as
+    -log sigmoid(0) = log 2 (no gradient), as in the authors' mean over [B, L - 1].
+    """
+    mask_chosen = _mask(mask_chosen, policy_chosen.shape)
+    mask_rejected = _mask(mask_rejected, policy_rejected.shape)
+    n_c, n_r = mask_chosen.sum(-1), mask_rejected.sum(-1)
+    K = int(torch.maximum(n_c, n_r).max().clamp(min=1))
+    zero = torch.zeros((), device=policy_chosen.device)
+    d_c = _response_aligned(torch.where(mask_chosen, policy_chosen.float() - ref_chosen.float(), zero), mask_chosen, K)
+    d_r = _response_aligned(torch.where(mask_rejected, policy_rejected.float() - ref_rejected.float(), zero),
+                            mask_rejected, K)
+    w_r = _response_aligned(weights_rejected, mask_rejected, K)
+    if weights_chosen is not None:
+        d_c = d_c * _response_aligned(weights_chosen, mask_chosen, K)
+    z = beta * (d_c - w_r * d_r)
+    paired = torch.arange(K, device=z.device)[None, :] < torch.maximum(n_c, n_r)[:, None]
+    total = policy_chosen.shape[0] * max(policy_chosen.shape[1], policy_rejected.shape[1])
+    unpaired = total - int(paired.sum())
+    return (torch.where(paired, -F.logsigmoid(z), zero).sum() + unpaired * math.log(2.0)) / total
 
 
 def rpo_loss(

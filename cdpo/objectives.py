@@ -244,12 +244,19 @@ class IPO(Objective):
 @dataclass
 class CDPO(Objective):
     """cDPO (the paper): token-weighted DPO with rejected-token weights 1 - p_ce from the contrastive
-    estimation; chosen weights 1 (only_neg, the paper's default) or p_ce of the chosen tokens."""
+    estimation; chosen weights 1 (only_neg, the paper's default) or p_ce of the chosen tokens.
+
+    loss_form: "sequence" is the paper's formula, one sigmoid of the weighted sums per pair;
+    "per_position" is the authors' training code, one sigmoid per response position
+    (`losses.cdpo_per_position_loss`). The rewards/* metrics are TRL's, unweighted, for every form
+    (comparable with DPO's); weighted_rewards/* are the token-weighted sums cDPO's sequence form uses.
+    """
     name: str = "cdpo"
     label: ClassVar[str] = "+ cDPO"
     needs_scores: ClassVar[bool] = True
     beta: float = dataclasses.field(default=0.1, metadata=above(0))
     chosen_weighting: str = dataclasses.field(default="only_neg", metadata={"choices": ("only_neg", "p_ce")})
+    loss_form: str = dataclasses.field(default="sequence", metadata={"choices": ("sequence", "per_position")})
 
     def token_weights(self, scores_chosen, scores_rejected):
         return losses.cdpo_weights(scores_rejected, scores_chosen, chosen_weighting=self.chosen_weighting)
@@ -258,8 +265,19 @@ class CDPO(Objective):
         if b.weights_rejected is None:
             raise ValueError("cdpo needs token weights (weights_rejected = 1 - p_ce of the rejected tokens): "
                              "train on scored pairs (run the score stage first)")
-        return losses.cdpo_loss(*b.with_reference(), **b.masked(), beta=self.beta,
-                                weights_chosen=b.weights_chosen, weights_rejected=b.weights_rejected)
+        args = (*b.with_reference(), b.mask_chosen, b.mask_rejected)
+        weights = dict(weights_chosen=b.weights_chosen, weights_rejected=b.weights_rejected)
+        if self.loss_form == "per_position":
+            loss = losses.cdpo_per_position_loss(*args, beta=self.beta, **weights)
+        else:
+            loss, _ = losses.cdpo_loss(*args, beta=self.beta, **weights)
+        sum_c, sum_r = losses._log_ratio_sums(*args)
+        metrics = _metrics(self.beta * sum_c, self.beta * sum_r, b)
+        w_c, w_r = (self.beta * s for s in losses._log_ratio_sums(*args, b.weights_chosen, b.weights_rejected))
+        metrics.update({"weighted_rewards/chosen": w_c.mean(), "weighted_rewards/rejected": w_r.mean(),
+                        "weighted_rewards/margins": (w_c - w_r).mean(),
+                        "weighted_rewards/accuracies": (w_c > w_r).float().mean()})
+        return loss, {k: v.detach() for k, v in metrics.items()}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -160,3 +160,12 @@ def test_embedded_gsm8k_preset_is_cpu_sized():
 def test_shared_stages_have_their_own_seeds():
     cfg = _compose(["seed=3"])
     assert (cfg.seed, cfg.sample.seed, cfg.ce.seed) == (3, 0, 0)
+
+
+def test_paper_presets_use_the_authors_cdpo_loss_form_and_the_default_the_papers():
+    from cdpo.objectives import from_config
+
+    assert from_config(_compose(["+experiment=llama3_8b_gsm8k", "method=cdpo"]).method).loss_form == "per_position"
+    assert from_config(_compose(["+experiment=llama3_8b_gsm8k", "method=dpo"]).method).name == "dpo"  # no stray key
+    assert from_config(_compose().method).loss_form == "sequence"
+    assert from_config(_compose(["+experiment=llama3_8b_gsm8k", "method.loss_form=sequence"]).method).loss_form == "sequence"

@@ -76,3 +76,15 @@ def test_fused_without_cuda_says_what_runs_instead_once(caplog, monkeypatch):
     assert head.head_ops("torch") is head.TorchHead
     with pytest.raises(ValueError, match="loss_impl='triton': choose one of torch, fused"):
         head.head_ops("triton")
+
+
+def test_cdpo_per_position_fused_equals_torch():
+    model, batch = _policy(), _pairs()
+    results = {}
+    for impl in ("torch", "fused"):
+        model.zero_grad()
+        loss, _ = PreferenceModule(model, build("cdpo", loss_form="per_position"), loss_impl=impl).compute_loss(batch)
+        loss.backward()
+        results[impl] = (loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(results["fused"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results["fused"][1], results["torch"][1], rtol=1e-4, atol=1e-6)

@@ -64,6 +64,12 @@ def test_preference_loss_against_float64(backend, method, kw):
     want_loss, want_metrics, want_grads = _expected(method, c, r, weight, bias, ref_c, ref_r, kw)
     assert abs(loss.item() - want_loss.item()) < 1e-5 * max(1.0, abs(want_loss.item()))
     assert set(METRICS) <= set(metrics)
+    if method == "cdpo":  # TRL's rewards/* stay unweighted (comparable with DPO); weighted ones by their own names
+        _, unweighted, _ = _expected("dpo", c, r, weight, bias, ref_c, ref_r, kw)
+        for key in ("chosen", "rejected", "margins", "accuracies"):
+            want = want_metrics[f"rewards/{key}"].item()
+            assert abs(metrics[f"weighted_rewards/{key}"].item() - want) < 1e-4 * max(1.0, abs(want)), key
+        want_metrics = unweighted
     for key in METRICS:
         assert abs(metrics[key].item() - want_metrics[key].item()) < 1e-4 * max(1.0, abs(want_metrics[key].item())), key
     for got, want in zip((hc.grad, hr.grad, w.grad), want_grads):

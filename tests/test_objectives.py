@@ -167,3 +167,88 @@ def test_every_method_config_builds_its_objective():
     built = {p.stem: from_config(OmegaConf.load(p)) for p in conf.glob("*.yaml")}
     assert set(built) == set(REGISTRY)
     assert all(type(o) is REGISTRY[name] and o.name == name for name, o in built.items())
+
+
+# ---------------------------------------------------------------------------- cDPO, the authors' per-position form
+
+
+def _authors_per_position(rows, beta, only_neg=True):
+    """float64 loop in the layout of the authors' training code: each row is prompt + response, right-padded
+    to a common width L; per-token log-ratios are 0 outside responses, weights are given for every
+    position; the loss is the mean over all B x L positions of -log sigmoid(beta (w_c D_c - w_r D_r))."""
+    L = max(r["prompt"] + max(len(r["d_c"]), len(r["d_r"])) for r in rows)
+    total = torch.zeros((), dtype=torch.float64)
+    for r in rows:
+        for t in range(L):
+            k = t - r["prompt"]
+            d_c = r["d_c"][k] if 0 <= k < len(r["d_c"]) else 0.0
+            d_r = r["d_r"][k] if 0 <= k < len(r["d_r"]) else 0.0
+            w_c = 1.0 if only_neg or not 0 <= k < len(r["d_c"]) else r["p_c"][k]
+            w_r = 1.0 - r["p_r"][k] if 0 <= k < len(r["d_r"]) else 1.0
+            z = beta * (w_c * d_c - w_r * d_r)
+            total = total - naive_logsig(torch.as_tensor(z, dtype=torch.float64))
+    return total / (len(rows) * L), L
+
+
+def _per_position_case(seed, padding_side):
+    g = torch.Generator().manual_seed(seed)
+    spec = [(3, 4, 6), (5, 2, 2), (2, 7, 3)]  # prompt length, chosen length, rejected length per pair
+    rows = [{"prompt": p, "d_c": (torch.randn(nc, generator=g) * 2).tolist(), "d_r": (torch.randn(nr, generator=g) * 2).tolist(),
+             "p_c": torch.rand(nc, generator=g).tolist(), "p_r": torch.rand(nr, generator=g).tolist()} for p, nc, nr in spec]
+    width = max(p + max(nc, nr) for p, nc, nr in spec)
+
+    def side(key, weights_key):
+        d = torch.full((3, width), float("nan"))  # garbage outside the response must not leak
+        w = torch.full((3, width), float("nan"))
+        mask = torch.zeros(3, width, dtype=torch.bool)
+        for b, r in enumerate(rows):
+            n = len(r[key])
+            start = r["prompt"] if padding_side == "right" else width - n  # left padding: responses end the row
+            d[b, start:start + n], w[b, start:start + n] = torch.tensor(r[key]), torch.tensor(r[weights_key])
+            mask[b, start:start + n] = True
+        return d, w, mask
+
+    d_c, p_c, m_c = side("d_c", "p_c")
+    d_r, p_r, m_r = side("d_r", "p_r")
+    return rows, d_c, p_c, m_c, d_r, p_r, m_r
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+@pytest.mark.parametrize("chosen_weighting", ["only_neg", "p_ce"])
+def test_cdpo_per_position_matches_the_authors_layout_in_float64(padding_side, chosen_weighting):
+    rows, d_c, p_c, m_c, d_r, p_r, m_r = _per_position_case(31, padding_side)
+    policy_c = d_c.clone().requires_grad_()  # reference 0: D = policy log-prob
+    policy_r = d_r.clone().requires_grad_()
+    objective = build("cdpo", beta=0.7, chosen_weighting=chosen_weighting, loss_form="per_position")
+    w_c, w_r = objective.token_weights(p_c, p_r)
+    loss, metrics = objective.loss(PairLogps(policy_c, policy_r, m_c, m_r, ref_chosen=torch.zeros_like(d_c),
+                                             ref_rejected=torch.zeros_like(d_r), weights_chosen=w_c, weights_rejected=w_r))
+    want, _ = _authors_per_position(rows, 0.7, only_neg=chosen_weighting == "only_neg")
+    assert abs(loss.item() - want.item()) < 1e-6
+    # gradients against float64 autograd of the same layout
+    loss.backward()
+    leaves = [[torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (r["d_c"], r["d_r"])] for r in rows]
+    rows64 = [{**r, "d_c": c, "d_r": d} for r, (c, d) in zip(rows, leaves)]
+    _authors_per_position(rows64, 0.7, only_neg=chosen_weighting == "only_neg")[0].backward()
+    for b, (c, d) in enumerate(leaves):
+        torch.testing.assert_close(policy_c.grad[b][m_c[b]].double(), c.grad, rtol=1e-5, atol=1e-8)
+        torch.testing.assert_close(policy_r.grad[b][m_r[b]].double(), d.grad, rtol=1e-5, atol=1e-8)
+    assert torch.isfinite(policy_c.grad).all() and not policy_c.grad[~m_c].any()
+
+
+def test_cdpo_forms_differ_and_metrics_are_trls_unweighted_rewards():
+    rows, d_c, p_c, m_c, d_r, p_r, m_r = _per_position_case(32, "right")
+    logps = PairLogps(d_c, d_r, m_c, m_r, ref_chosen=torch.zeros_like(d_c), ref_rejected=torch.zeros_like(d_r))
+    results = {}
+    for form in ("sequence", "per_position"):
+        objective = build("cdpo", beta=0.1, loss_form=form)
+        logps.weights_chosen, logps.weights_rejected = objective.token_weights(p_c, p_r)
+        results[form] = objective.loss(logps)
+    (seq, m_seq), (pos, m_pos) = results["sequence"], results["per_position"]
+    assert abs(seq.item() - pos.item()) > 1e-3
+    dpo_loss, dpo_metrics = build("dpo", beta=0.1).loss(logps)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert torch.equal(m_seq[key], dpo_metrics[key]) and torch.equal(m_pos[key], dpo_metrics[key])
+    w_r = torch.where(m_r, 1 - p_r, 0.0)
+    weighted_rejected = 0.1 * (torch.where(m_r, d_r, 0.0) * w_r).sum(-1).mean()
+    assert abs(m_seq["weighted_rewards/rejected"].item() - weighted_rejected.item()) < 1e-6
