@@ -1,6 +1,7 @@
 """The objectives of cdpo.objectives: SimPO and IPO against TRL 1.16 and float64 formulas, the
 registry, and the validation of their settings."""
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -135,6 +136,14 @@ def test_reference_free_objective_never_runs_the_reference(monkeypatch):
 
 # ---------------------------------------------------------------------------- settings
 
+CONF = Path(__file__).parents[1] / "conf" / "method"
+
+
+def _method_cfg(path):
+    """A method config as the train config holds it (its interpolations resolve against the root)."""
+    return OmegaConf.create({"cdpo_loss_form": "sequence", "method": OmegaConf.load(path)}).method
+
+
 
 @pytest.mark.parametrize("method,key,value,message", [
     ("cdpo", "chosen_weighting", "pce", "method.chosen_weighting='pce': choose one of only_neg, p_ce"),
@@ -146,7 +155,7 @@ def test_reference_free_objective_never_runs_the_reference(monkeypatch):
     ("simpo", "gamma", -0.5, "method.gamma=-0.5: must be >= 0"),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(method, key, value, message):
-    cfg = OmegaConf.load(f"{__import__('pathlib').Path(__file__).parents[1]}/conf/method/{method}.yaml")
+    cfg = _method_cfg(CONF / f"{method}.yaml")
     cfg[key] = value
     with pytest.raises(ConfigError) as e:
         from_config(cfg)
@@ -161,10 +170,7 @@ def test_unknown_key_and_missing_target_are_named():
 
 
 def test_every_method_config_builds_its_objective():
-    from pathlib import Path
-
-    conf = Path(__file__).parents[1] / "conf" / "method"
-    built = {p.stem: from_config(OmegaConf.load(p)) for p in conf.glob("*.yaml")}
+    built = {p.stem: from_config(_method_cfg(p)) for p in CONF.glob("*.yaml")}
     assert set(built) == set(REGISTRY)
     assert all(type(o) is REGISTRY[name] and o.name == name for name, o in built.items())
 

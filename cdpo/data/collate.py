@@ -35,6 +35,14 @@ def truncate(prompt_ids: Sequence[int], response_ids: Sequence[int], max_length:
     return prompt + response, len(response)
 
 
+def drop_overlong(pairs: Sequence[dict[str, Any]], *, prompt_length: int, length: int) -> list[dict[str, Any]]:
+    """The pairs whose prompt has fewer than `prompt_length` tokens and whose prompt + chosen and
+    prompt + rejected each have fewer than `length` (the authors' rule: they leave such pairs out
+    where truncation would cut them)."""
+    return [p for p in pairs if len(p["prompt_ids"]) < prompt_length
+            and len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"])) < length]
+
+
 def collate_sequences(
     items: Sequence[dict[str, Any]],
     *,

@@ -1,4 +1,4 @@
-"""AdamW with linear warm-up and cosine decay, over the trainable (adapter) parameters only."""
+"""AdamW with linear warm-up, then cosine or linear decay, over the trainable (adapter) parameters only."""
 from __future__ import annotations
 
 import math
@@ -7,30 +7,40 @@ import lightning as L
 import torch
 
 
-def adamw_cosine(module, *, lr: float, weight_decay: float, warmup_ratio: float, total_steps: int,
-                 adamw=torch.optim.AdamW):
+SCHEDULES = ("cosine", "linear")
+
+
+def adamw_schedule(module, *, lr: float, weight_decay: float, warmup_ratio: float, total_steps: int,
+                   schedule: str = "cosine", warmup_steps: int | None = None, adamw=torch.optim.AdamW):
+    """Warm-up over `warmup_steps` optimizer steps (or `warmup_ratio` of them), then decay to 0 by the
+    last step: half a cosine (the CE models in the paper) or a straight line (HF's default, which the
+    authors' cDPO training used)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule={schedule!r}: choose one of {', '.join(SCHEDULES)}")
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError("no trainable parameters: is a LoRA adapter attached and active?")
     optimizer = adamw(params, lr=lr, weight_decay=weight_decay)
-    warmup = int(round(warmup_ratio * total_steps))
+    warmup = min(warmup_steps, total_steps) if warmup_steps is not None else int(round(warmup_ratio * total_steps))
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 class AdapterTrainingModule(L.LightningModule):
-    """Shared by the SFT and preference modules: train mode at fit start, AdamW + cosine schedule."""
+    """Shared by the SFT and preference modules: train mode at fit start, AdamW + warm-up and decay."""
 
-    lr: float
-    weight_decay: float
-    warmup_ratio: float
+    def __init__(self, *, lr: float, weight_decay: float = 0.0, warmup_ratio: float = 0.0,
+                 warmup_steps: int | None = None, schedule: str = "cosine", loss_impl: str = "torch"):
+        super().__init__()
+        self.lr, self.weight_decay, self.loss_impl = lr, weight_decay, loss_impl
+        self.warmup_ratio, self.warmup_steps, self.schedule = warmup_ratio, warmup_steps, schedule
 
     def on_fit_start(self):
         self.model.train()  # loaded models are in eval mode; LoRA dropout must be active in training
@@ -46,9 +56,10 @@ class AdapterTrainingModule(L.LightningModule):
                             gradient_clip_algorithm=gradient_clip_algorithm)
 
     def configure_optimizers(self):
-        return adamw_cosine(self.model, lr=self.lr, weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio,
-                            total_steps=self.trainer.estimated_stepping_batches,
-                            adamw=_adamw_for(self.trainer.strategy))
+        return adamw_schedule(self.model, lr=self.lr, weight_decay=self.weight_decay, warmup_ratio=self.warmup_ratio,
+                              warmup_steps=self.warmup_steps, schedule=self.schedule,
+                              total_steps=self.trainer.estimated_stepping_batches,
+                              adamw=_adamw_for(self.trainer.strategy))
 
 
 def _adamw_for(strategy):

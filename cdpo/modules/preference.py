@@ -19,13 +19,12 @@ from cdpo.objectives import Objective, PairLogps
 
 class PreferenceModule(AdapterTrainingModule):
     def __init__(self, model, objective: Objective, *, lr: float = 4e-5, weight_decay: float = 0.01,
-                 warmup_ratio: float = 0.1, loss_impl: str = "torch"):
-        super().__init__()
+                 warmup_ratio: float = 0.1, **optim):
+        super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, **optim)
         if objective.trains_on != "pairs":
             raise ValueError(f"method {objective.name!r} trains on {objective.trains_on}, not on preference pairs")
         self.model, self.objective = model, objective
-        self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
-        self.loss_impl, self.head = loss_impl, head_ops(loss_impl)
+        self.head = head_ops(self.loss_impl)
 
     def _head(self):
         _, head = backbone_and_head(self.model)

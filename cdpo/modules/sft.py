@@ -7,11 +7,9 @@ from cdpo.modules.optim import AdapterTrainingModule
 
 
 class SFTModule(AdapterTrainingModule):
-    def __init__(self, model, *, lr: float = 3e-4, weight_decay: float = 0.0, warmup_ratio: float = 0.0,
-                 loss_impl: str = "torch"):
-        super().__init__()
+    def __init__(self, model, *, lr: float = 3e-4, **optim):
+        super().__init__(lr=lr, **optim)
         self.model = model
-        self.lr, self.weight_decay, self.warmup_ratio, self.loss_impl = lr, weight_decay, warmup_ratio, loss_impl
 
     def training_step(self, batch, batch_idx):
         logps = response_logps(self.model, batch, impl=self.loss_impl)

@@ -12,12 +12,12 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from omegaconf import DictConfig
 
 from cdpo import distributed
-from cdpo.data.collate import collate_pairs
+from cdpo.data.collate import collate_pairs, drop_overlong
 from cdpo.io import write_jsonl
 from cdpo.logprobs import response_logps
 from cdpo.models import add_lora, model_summary, reference_model, save_adapter
-from cdpo.objectives import from_config as objective_of
 from cdpo.modules import PairsDataModule, PreferenceModule, SequencesDataModule, SFTModule
+from cdpo.objectives import from_config as objective_of
 from cdpo.pipeline import context
 from cdpo.pipeline.artifacts import RunPaths, load, stage_signature
 
@@ -74,8 +74,7 @@ def train_sft(cfg: DictConfig, paths: RunPaths, *, which: str) -> dict:
     tok = context.tokenizer(cfg)
     model = add_lora(context.base_model(cfg, for_training=True), which, **_lora(cfg.ce_lora))
     ce = cfg.ce
-    module = SFTModule(model, lr=ce.lr, weight_decay=ce.weight_decay, warmup_ratio=ce.warmup_ratio,
-                       loss_impl=cfg.loss_impl)
+    module = SFTModule(model, **_optim(cfg, ce))
     sizes = model_summary(model)  # before fitting: FSDP leaves each process a shard of every tensor
     summary = _fit(cfg, f"sft_{which}", module, SequencesDataModule(records, **_data_kw(cfg, tok, ce.batch_size, ce.seed)),
                    adapter=which, path=paths.pos_adapter if which == "pos" else paths.neg_adapter, epochs=ce.epochs,
@@ -119,14 +118,26 @@ def _ref_key(cfg: DictConfig, pair: dict) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
 
 
-def _optim(cfg: DictConfig) -> dict:
-    a = cfg.align
-    return dict(lr=a.lr, weight_decay=a.weight_decay, warmup_ratio=a.warmup_ratio, loss_impl=cfg.loss_impl)
+def _drop_overlong(pairs: list[dict], a: DictConfig) -> list[dict]:
+    kept = drop_overlong(pairs, prompt_length=a.drop_prompt_length, length=a.drop_length)
+    print(f"[align] align.overlong=drop: {len(pairs) - len(kept)} of {len(pairs)} pairs left out (prompt >= "
+          f"{a.drop_prompt_length} or prompt + response >= {a.drop_length} tokens)")
+    if not kept:
+        raise ValueError(f"align.overlong=drop left no pair: every pair has a prompt of >= align.drop_prompt_length="
+                         f"{a.drop_prompt_length} tokens or a prompt + response of >= align.drop_length={a.drop_length}")
+    return kept
+
+
+def _optim(cfg: DictConfig, section: DictConfig) -> dict:
+    """Optimizer and schedule settings of `section` (cfg.ce or cfg.align)."""
+    return dict(lr=section.lr, weight_decay=section.weight_decay, warmup_ratio=section.warmup_ratio,
+                warmup_steps=section.get("warmup_steps"), schedule=section.get("schedule", "cosine"),
+                loss_impl=cfg.loss_impl)
 
 
 def preference_module(cfg: DictConfig, policy) -> PreferenceModule:
     """The PreferenceModule of the objective `method=...` configures, with the align settings."""
-    return PreferenceModule(policy, objective_of(cfg.method), **_optim(cfg))
+    return PreferenceModule(policy, objective_of(cfg.method), **_optim(cfg, cfg.align))
 
 
 def train_align(cfg: DictConfig, paths: RunPaths) -> dict:
@@ -138,10 +149,12 @@ def train_align(cfg: DictConfig, paths: RunPaths) -> dict:
     policy = add_lora(context.base_model(cfg, for_training=True), "policy", **_lora(cfg.peft))
     kw = _data_kw(cfg, tok, a.batch_size, cfg.seed)
     if objective.trains_on == "positives":
-        module = SFTModule(policy, **_optim(cfg))
+        module = SFTModule(policy, **_optim(cfg, cfg.align))
         dm = SequencesDataModule(load(paths.positives), **kw)
     else:
         pairs = load(paths.scored_pairs if objective.needs_scores else paths.pairs)
+        if a.get("overlong", "truncate") == "drop":
+            pairs = _drop_overlong(pairs, a)
         with_ref = bool(a.precompute_ref) and objective.uses_cached_reference
         if with_ref and distributed.planned_processes(cfg.trainer) > 1:
             # every process would compute (and write) all of them: the reference runs in each step instead
@@ -151,7 +164,7 @@ def train_align(cfg: DictConfig, paths: RunPaths) -> dict:
         if with_ref:
             for pair, ref in zip(pairs, reference_logps(cfg, paths, pairs, tok, policy)):
                 pair.update(ref_chosen=ref["ref_chosen"], ref_rejected=ref["ref_rejected"])
-        module = PreferenceModule(policy, objective, **_optim(cfg))
+        module = PreferenceModule(policy, objective, **_optim(cfg, cfg.align))
         dm = PairsDataModule(pairs, with_weights=objective.needs_scores, with_ref=with_ref, **kw)
     sizes = model_summary(policy)
     summary = _fit(cfg, f"align_{objective.name}_seed{cfg.seed}", module, dm, adapter="policy",
