@@ -127,7 +127,7 @@ def test_paper_cells_read_like_the_paper(cell, temperature):
     model, data = cell
     cfg = _compose([f"+experiment={model}_{data}"])
     assert (cfg.sample.n, cfg.sample.temperature) == (64, temperature)
-    assert (cfg.select.top_k, cfg.select.negative_rule, cfg.select.top_p) == (1, "top_p", 0.5)
+    assert (cfg.select.top_k, cfg.select.negative_rule, cfg.select.top_p) == (1, "authors", 0.5)
     assert (cfg.ce_lora.r, cfg.ce_lora.alpha, cfg.ce.lr, cfg.ce.epochs, cfg.ce.b) == (8, 16, 3e-4, 1, 1.0)
     assert (cfg.peft.r, cfg.peft.alpha, cfg.align.lr, cfg.align.epochs, cfg.align.grad_accum) == (16, 32, 4e-5, 3, 4)
     assert cfg.peft.get("quantization") == ("nf4" if model == "llama3_70b" else None)

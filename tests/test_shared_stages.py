@@ -160,3 +160,70 @@ def test_eval_results_reach_wandb_offline(tmp_path, monkeypatch):
         assert key in blob, key
     context.log_results(_cfg(tmp_path / "csv"), "x", {"eval/accuracy": 1.0})  # csv logger: nothing to do
     assert not (tmp_path / "csv").exists()
+
+
+def _graded(*groups):
+    """Samples from (extracted answer, correct, count) groups, in that order."""
+    return [{"response": f"... {a}", "response_ids": [i], "extracted": a, "correct": ok}
+            for i, (a, ok, n) in enumerate(groups) for _ in range(n)]
+
+
+def _negatives(samples, rule, top_p=0.5):
+    record = {"id": "q", "question": "?", "answers": ["1"], "prompt": "", "prompt_ids": [0], "samples": samples}
+    _, neg, pairs = select_question(record, top_k=1, top_p=top_p, negative_rule=rule)
+    return [n["extracted"] for n in neg], [p["rejected_answer"] for p in pairs]
+
+
+@pytest.mark.parametrize("groups,authors,top_p", [
+    # 11 answered wrong samples: 7 (4) < 5.5, 7+8 (7) >= 5.5; top_p also counts the unanswered one
+    ([("1", True, 1), ("7", False, 4), ("8", False, 3), ("9", False, 2), ("5", False, 1), ("6", False, 1),
+      (None, False, 1)], ["7", "8"], ["7", "8"]),
+    # singletons: the authors take the first wrong answer only; top_p keeps taking them
+    ([("1", True, 1), ("7", False, 1), ("8", False, 1), ("9", False, 1), ("10", False, 1)], ["7"], ["7", "8"]),
+    # unanswered samples: not counted by the authors (2 of 4 answered), counted and taken by top_p
+    ([("1", True, 2), ("7", False, 2), ("8", False, 2), (None, False, 6)], ["7"], ["7", "8", None]),
+    # 7 (3 of 6 answered) is enough for the authors; top_p needs 5 of 10 samples
+    ([("1", True, 1), ("7", False, 3), ("8", False, 1), ("9", False, 1), ("10", False, 1), (None, False, 4)],
+     ["7"], ["7", "8", "9"]),
+    # an answer seen twice after the first is taken by both
+    ([("1", True, 1), ("7", False, 3), ("8", False, 2), ("9", False, 2), ("5", False, 1)], ["7", "8"], ["7", "8"]),
+])
+def test_negative_rules_authors_and_top_p(groups, authors, top_p):
+    assert _negatives(_graded(*groups), "authors")[0] == authors
+    assert _negatives(_graded(*groups), "top_p")[0] == top_p
+
+
+def test_authors_rule_gives_no_pair_without_an_answered_wrong_sample():
+    samples = _graded(("1", True, 3), (None, False, 5))
+    assert _negatives(samples, "authors") == ([], [])
+    assert _negatives(samples, "top_p") == ([None], [None])  # this project's rule pairs an unanswered one
+    # with one answered wrong sample the pair's rejected is that one, not the more frequent no-answer
+    samples = _graded(("1", True, 3), (None, False, 5), ("9", False, 1))
+    assert _negatives(samples, "authors") == (["9"], ["9"])
+
+
+def _authors_reference(samples, top_p):
+    """A literal transcription of the rule in the authors' code (src/pipeline.py): a need counter of
+    ceil(top_p * answered wrong samples), decremented by each taken answer's count."""
+    import math
+    from collections import Counter
+
+    wrong = Counter(s["extracted"] for s in samples if not s["correct"] and s["extracted"])
+    need = first = math.ceil(top_p * sum(wrong.values()))
+    taken = []
+    for answer, count in sorted(wrong.items(), key=lambda kv: -kv[1]):  # stable: ties by first appearance
+        if need > 0 and (need == first or count > 1):
+            taken.append(answer)
+            need -= count
+    return taken
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("top_p", [0.3, 0.5, 0.9])
+def test_authors_rule_matches_a_literal_transcription(seed, top_p):
+    import random
+
+    rng = random.Random(seed)
+    samples = [{"response": "", "response_ids": [0], "correct": rng.random() < 0.2,
+                "extracted": rng.choice([None, "3", "4", "5", "6", "7", "8", "9"])} for _ in range(rng.randint(1, 30))]
+    assert _negatives(samples, "authors", top_p)[0] == _authors_reference(samples, top_p)
