@@ -38,14 +38,17 @@ def test_grades_a_predictions_file(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     graded_path = data / "preds.graded.jsonl"
-    assert f"accuracy 60.0% (3/5); 1 without an answer; 1 gold unparseable -> {graded_path}" in proc.stdout
+    # the default policy is flexible: the truncated solution's last number (12) is its (wrong) answer
+    assert (f"accuracy 60.0% (3/5); 0 without an answer; 1 gold unparseable; grading flexible -> {graded_path}"
+            in proc.stdout)
     graded = [json.loads(line) for line in graded_path.read_text().splitlines()]
     assert [r["correct"] for r in graded] == [True, True, False, False, True, None]
-    assert [r["extracted"] for r in graded] == ["1000", "18", "520", None, "\\frac{1}{2}", "7"]
+    assert [r["extracted"] for r in graded] == ["1000", "18", "520", "12", "\\frac{1}{2}", "7"]
     assert graded[0]["question"] == "How many boxes?"
 
     summary = json.loads((data / "preds.graded.summary.json").read_text())
     assert summary["accuracy"] == 0.6 and summary["n"] == 6 and summary["gold_unparseable"] == 1
+    assert summary["policy"] == "flexible"
 
     # grading a file loads no model stack, and Hydra leaves nothing behind in the cwd
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
