@@ -227,3 +227,30 @@ def test_authors_rule_matches_a_literal_transcription(seed, top_p):
     samples = [{"response": "", "response_ids": [0], "correct": rng.random() < 0.2,
                 "extracted": rng.choice([None, "3", "4", "5", "6", "7", "8", "9"])} for _ in range(rng.randint(1, 30))]
     assert _negatives(samples, "authors", top_p)[0] == _authors_reference(samples, top_p)
+
+
+def test_training_prompt_is_zero_shot_when_configured(tmp_path, tok):
+    """The authors sample after a few-shot prompt but train the CE models and the policy on the
+    zero-shot one: select writes the training prompt into positives, negatives and pairs."""
+    over = ("data.n_shot=3", "data.train_n_shot=0", "data.strip_prompt=true")
+    cfg = _cfg(tmp_path, *over)
+    q = "Ann has 2 pens and buys 3 more. How many pens does she have?"
+    sampled = context.prompt_of(cfg, tok, q)
+    assert sampled.count("Question: ") == 4 and sampled.endswith("Answer:")
+    samples = [{"response": " 2 + 3 = 5. The answer is 5.", "response_ids": tok(" 2 + 3 = 5. The answer is 5.")["input_ids"],
+                "extracted": "5", "correct": True},
+               {"response": " 2 + 3 = 6. The answer is 6.", "response_ids": [1, 2], "extracted": "6", "correct": False}]
+    write_jsonl(tmp_path / "trajectories.jsonl", [{"key": "q1", "id": "q1", "question": q, "answers": ["5"],
+                                                   "prompt": sampled, "prompt_ids": context.prompt_ids(cfg, tok, sampled),
+                                                   "samples": samples}])
+    select_stage.run(cfg, RunPaths(cfg))
+    zero_shot = f"Question: {q}\nAnswer:"
+    for name in ("positives", "negatives", "pairs"):
+        (row,) = read_jsonl(tmp_path / f"{name}.jsonl")
+        assert row["prompt"] == zero_shot and row["prompt_ids"] == tok(zero_shot)["input_ids"]
+    # the text the CE models and policy see is the authors' "Question: q\nAnswer: <response>"
+    (pos,) = read_jsonl(tmp_path / "positives.jsonl")
+    assert tok.decode(pos["prompt_ids"] + pos["response_ids"]) == f"{zero_shot} 2 + 3 = 5. The answer is 5."
+    # without train_n_shot the sampling prompt is kept (the embedded default)
+    select_stage.run(_cfg(tmp_path, "data.n_shot=3"), RunPaths(cfg))
+    assert read_jsonl(tmp_path / "pairs.jsonl")[0]["prompt"] == sampled

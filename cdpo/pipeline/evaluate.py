@@ -33,7 +33,7 @@ def evaluate_model(cfg: DictConfig, model, tok, out_path: Path, label: str, sign
     e = cfg.eval
     problems = context.problems(cfg, e.split, e.limit)
     stats = GenerationStats()
-    records = generate_graded(cfg, model, tok, problems, n=e.n, temperature=e.temperature, top_p=1.0,
+    records = generate_graded(cfg, model, tok, problems, n=e.n, temperature=e.temperature, top_p=e.get("top_p", 1.0),
                               max_new_tokens=cfg.generation.max_new_tokens, seed=cfg.seed, desc=f"eval {label}",
                               stats=stats)
     n_correct = [sum(s["correct"] for s in r["samples"]) for r in records]

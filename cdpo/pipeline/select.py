@@ -20,6 +20,7 @@ from collections import Counter
 from omegaconf import DictConfig
 
 from cdpo.io import write_jsonl
+from cdpo.pipeline import context
 from cdpo.pipeline.artifacts import RunPaths, load
 
 NO_ANSWER = "<no answer>"
@@ -97,8 +98,22 @@ def select_question(record: dict, *, top_k: int, top_p: float, pairs_per_questio
     return positives, negatives, pairs
 
 
+def with_training_prompts(cfg: DictConfig, records: list[dict]) -> list[dict]:
+    """Records whose prompt is the training one (data.train_n_shot): every later stage (CE models,
+    scoring, the policy) reads `prompt_ids` from what select writes. The sampled responses follow
+    the sampling prompt's last token, which both prompts share (e.g. "Answer:")."""
+    if not context.separate_training_prompt(cfg):
+        return records
+    tok = context.tokenizer(cfg)
+    out = []
+    for r in records:
+        prompt = context.prompt_of(cfg, tok, r["question"], for_training=True)
+        out.append({**r, "prompt": prompt, "prompt_ids": context.prompt_ids(cfg, tok, prompt)})
+    return out
+
+
 def run(cfg: DictConfig, paths: RunPaths) -> dict:
-    records = load(paths.trajectories)
+    records = with_training_prompts(cfg, load(paths.trajectories))
     positives, negatives, pairs = [], [], []
     for record in records:
         p, n, q = select_question(record, top_k=cfg.select.top_k, top_p=cfg.select.top_p,
