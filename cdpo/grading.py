@@ -215,6 +215,18 @@ _LAST_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?(\s*\
 _UNIT_POWER = re.compile(r"(?<=[A-Za-z])\^\{?\d+\}?")  # "cm^2": the 2 is no answer
 
 
+# A statement that starts with a lone number: "20 apples, 4 more than 16" states 20 (math-verify
+# would read the whole sentence and may take 16). Not when the number starts an expression
+# ("9 * 2 = 18", "20 times 3 = 60", "2 1/2") or a LaTeX / algebraic answer ("5x", "2\sqrt{3}").
+_LEADING_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
+_LONE_AFTER = re.compile(r"$|\s*\\?%|[,;:!?]|\s+(?!(?:x|times|plus|minus|divided|multiplied|over)\b)[A-Za-z]")
+
+
+def _leading_number(text: str) -> str | None:
+    m = _LEADING_NUMBER.match(text)
+    return m.group(0) if m is not None and _LONE_AFTER.match(text, m.end()) else None
+
+
 def _percent_alternative(raw: str, text: str) -> list:
     """A percentage "70%" also stands for 0.7 (gold 0.7); math-verify parse of text / 100."""
     if "%" not in raw or not re.fullmatch(r"-?[\d.]+", text):
@@ -229,6 +241,8 @@ def _extract(response: str, policy: str = "strict") -> tuple[str | None, list[li
         text = _clean(raw)
         if not text:  # "... what the answer is." states nothing: look further back
             continue
+        if kind == "text":
+            text = _leading_number(text) or text
         parsed = _parse_text(text, latex_first=(kind == "boxed"))
         # math-verify returns [sympy object, matched string]: the string is what was graded. An
         # answer it cannot parse ("twelve") is still an answer, a wrong one: predicted = the text.
