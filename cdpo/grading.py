@@ -54,6 +54,10 @@ class GoldParseError(ValueError):
     """math-verify cannot parse a gold answer: the item cannot be graded (it is not 'wrong')."""
 
 
+class GradingPolicyError(DataError):
+    """An unknown grading policy (a DataError, so the entry points report it in one line)."""
+
+
 class GradingTimeout(BaseException):
     # BaseException so that math-verify's and sympy's `except Exception` do not swallow it.
     pass
@@ -260,7 +264,8 @@ def _extract(response: str, policy: str = "strict") -> tuple[str | None, list[li
 
 def _check_policy(policy: str) -> None:
     if policy not in POLICIES:
-        raise ValueError(f"grading={policy!r}: choose one of {', '.join(POLICIES)}")
+        raise GradingPolicyError(f"grading={policy!r}: choose one of {', '.join(POLICIES)} "
+                                 "(data.grading in the pipeline)")
 
 
 def extract_answer(response: str, policy: str = "strict") -> str | None:

@@ -89,3 +89,13 @@ def test_missing_file_and_no_predictions(tmp_path):
     proc = run_eval(tmp_path, "model.path=./no-such-model")
     assert proc.returncode != 0 and "no-such-model does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_grading_policy_choice_and_a_bad_one(tmp_path):
+    write_predictions(tmp_path / "preds.jsonl", [{"response": "So she makes 9 * 2 = 18", "answer": "18"}])
+    strict = run_eval(tmp_path, "predictions=preds.jsonl", "grading=strict")
+    assert strict.returncode == 0 and "accuracy 0.0% (0/1); 1 without an answer" in strict.stdout
+    assert "grading strict" in strict.stdout
+    bad = run_eval(tmp_path, "predictions=preds.jsonl", "grading=lenient")
+    assert bad.returncode != 0 and "grading='lenient': choose one of strict, flexible" in bad.stderr
+    assert "Traceback" not in bad.stderr
