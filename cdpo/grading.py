@@ -17,7 +17,8 @@ config key `grading`):
 
 Every policy first cuts the response where the model starts a new exemplar (a line beginning
 "Question:", "Problem:" or "Q:"; the authors' code cuts at "\\n\\nQuestion:"), and with strict and
-flexible a percentage "70%" matches gold 70 and gold 0.7. The chosen text is cleaned lightly
+flexible a percentage "70%" matches gold 70 and gold 0.7, and a stated answer that starts with a
+lone number is that number ("20 apples, 4 more than 16"). The chosen text is cleaned lightly
 (currency dollar signs, ``%``, markdown bold, trailing full stop) and handed to math-verify; bare
 LaTeX (``\\frac12``, ``(-\\infty, 3]``) is wrapped in ``$...$`` because math-verify reads intervals
 and ``\\frac12`` only inside math delimiters.
