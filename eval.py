@@ -33,6 +33,7 @@ def format_summary(summary: dict) -> str:
             f"{summary['gold_unparseable']} gold unparseable")
     if summary.get("timeouts"):
         line += f"; {summary['timeouts']} timed out"
+    line += f"; grading {summary['policy']}"
     return f"{line} -> {summary['output']}"
 
 
@@ -45,7 +46,7 @@ def grade_predictions(cfg: DictConfig) -> dict:
     predictions = Path(to_absolute_path(str(cfg.predictions)))
     output = Path(to_absolute_path(str(cfg.output))) if cfg.get("output") else None
     summary = grade_file(predictions, output, response_key=cfg.response_key,
-                         answer_key=cfg.answer_key, timeout_s=cfg.timeout_s)
+                         answer_key=cfg.answer_key, timeout_s=cfg.timeout_s, policy=cfg.grading)
     summary["timeout_s"] = cfg.timeout_s
     write_json(summary_path(summary["output"]), summary)
     print(format_summary(summary))

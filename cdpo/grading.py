@@ -3,17 +3,25 @@
 math-verify does the mathematics (parsing LaTeX and plain expressions to sympy, comparing numbers,
 fractions, intervals, sets, tuples, matrices). This module only decides *which part* of a model
 response is its final answer, because math-verify on a whole chain of thought picks the wrong
-number when the model keeps writing after its answer:
+number when the model keeps writing after its answer. That choice is a named policy (`POLICIES`,
+config key `grading`):
 
-1. the final-answer statement is the last (non-empty) one of: ``\\boxed{...}`` / ``\\fbox{...}``, ``#### X``,
-   "... answer is X" (rest of the sentence), "Final Answer: X";
-2. that statement is cleaned lightly (currency dollar signs, ``%``, markdown bold, trailing full
-   stop) and handed to math-verify; bare LaTeX (``\\frac12``, ``(-\\infty, 3]``) is wrapped in
-   ``$...$`` because math-verify reads intervals and ``\\frac12`` only inside math delimiters.
+- strict: the last final-answer statement: ``\\boxed{...}`` / ``\\fbox{...}``, ``#### X``,
+  "... answer is X" (rest of the sentence), "Final Answer: X", or a line "Answer: X" / "A: X" with
+  a short X (a longer "Answer: ..." line is a chain of thought, the prompt's own format). A
+  response without one has no answer (a truncated chain of thought is not an answer);
+- flexible: strict's statement, else the last number of the response ("... = 18", "$18.");
+- authors_gsm8k / authors_math: the rule of the authors' code (cdpo.grading_authors): the first
+  "answer is" else the last number (GSM8K); "Final Answer: $X$", boxed, "answer is", last number
+  (MATH); numbers equal up to a factor 100 either way (a percentage).
 
-A response without such a statement has no answer (no last-number fallback: a truncated chain of
-thought is not an answer). A plain "Answer:" is not an anchor either, since it is the prompt
-format that starts a chain of thought ("Question: ...\\nAnswer: ...").
+Every policy first cuts the response where the model starts a new exemplar (a line beginning
+"Question:", "Problem:" or "Q:"; the authors' code cuts at "\\n\\nQuestion:"), and with strict and
+flexible a percentage "70%" matches gold 70 and gold 0.7, and a stated answer that starts with a
+lone number is that number ("20 apples, 4 more than 16"). The chosen text is cleaned lightly
+(currency dollar signs, ``%``, markdown bold, trailing full stop) and handed to math-verify; bare
+LaTeX (``\\frac12``, ``(-\\infty, 3]``) is wrapped in ``$...$`` because math-verify reads intervals
+and ``\\frac12`` only inside math delimiters.
 
 Timeouts: math-verify's own timeouts use ``signal.alarm`` (whole seconds, main thread only, and a
 timeout inside ``verify`` only skips one comparison). Instead one interval timer (``setitimer``,
@@ -37,11 +45,18 @@ from typing import Any, Iterable, Sequence
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
+from cdpo import grading_authors as authors
 from cdpo.io import DataError, iter_jsonl, write_jsonl
+
+POLICIES = ("strict", "flexible", "authors_gsm8k", "authors_math")
 
 
 class GoldParseError(ValueError):
     """math-verify cannot parse a gold answer: the item cannot be graded (it is not 'wrong')."""
+
+
+class GradingPolicyError(DataError):
+    """An unknown grading policy (a DataError, so the entry points report it in one line)."""
 
 
 class GradingTimeout(BaseException):
@@ -104,9 +119,27 @@ def _statement_tail(text: str, start: int) -> str:
     return line if m is None else line[: m.start()]
 
 
+# A line "Answer: 18", "**Answer:** $18", "A: 18"; only a short rest of line is an answer.
+_ANSWER_LINE = re.compile(r"^[ \t>#*_]*(?:answer|a)[ \t*_]*:[ \t*_]*", re.IGNORECASE | re.MULTILINE)
+_SHORT_ANSWER = 40  # characters
+# The model starting a new exemplar after its answer (few-shot prompts).
+_NEXT_EXEMPLAR = re.compile(r"\n[ \t]*(?:Question|Problem|Q)[ \t]*:")
+
+
+def _own_part(response: str) -> str:
+    """The response up to where the model starts a new exemplar."""
+    m = _NEXT_EXEMPLAR.search(response)
+    return response if m is None else response[: m.start()]
+
+
 def _final_statements(response: str) -> list[tuple[str, str]]:
     """(kind, text) of every final-answer statement, the last one first; kind 'boxed' or 'text'."""
     candidates: list[tuple[int, str, str]] = []
+    for m in _ANSWER_LINE.finditer(response):
+        line_end = response.find("\n", m.end())
+        rest = response[m.end() :] if line_end < 0 else response[m.end() : line_end]
+        if len(rest.strip()) <= _SHORT_ANSWER:
+            candidates.append((m.start(), "text", rest))
     for m in _BOXED.finditer(response):
         content = _braced(response, m.end() - 1)
         if content is not None:
@@ -182,23 +215,67 @@ def _parse_text(text: str, *, latex_first: bool) -> list:
     return []
 
 
-def _extract(response: str) -> tuple[str | None, list]:
-    """(predicted string, math-verify parse of it) of the last non-empty final-answer statement."""
-    for kind, text in _final_statements(response or ""):
-        text = _clean(text)
+# The last number of a response: "1,000" is one number, "3/4" a fraction, "70%" a percentage.
+_LAST_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?(\s*\\?%)?")
+_UNIT_POWER = re.compile(r"(?<=[A-Za-z])\^\{?\d+\}?")  # "cm^2": the 2 is no answer
+
+
+# A statement that starts with a lone number: "20 apples, 4 more than 16" states 20 (math-verify
+# would read the whole sentence and may take 16). Not when the number starts an expression
+# ("9 * 2 = 18", "20 times 3 = 60", "2 1/2") or a LaTeX / algebraic answer ("5x", "2\sqrt{3}").
+_LEADING_NUMBER = re.compile(r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?")
+_LONE_AFTER = re.compile(r"$|\s*\\?%|[,;:!?]|\s+(?!(?:x|times|plus|minus|divided|multiplied|over)\b)[A-Za-z]")
+
+
+def _leading_number(text: str) -> str | None:
+    m = _LEADING_NUMBER.match(text)
+    return m.group(0) if m is not None and _LONE_AFTER.match(text, m.end()) else None
+
+
+def _percent_alternative(raw: str, text: str) -> list:
+    """A percentage "70%" also stands for 0.7 (gold 0.7); math-verify parse of text / 100."""
+    if "%" not in raw or not re.fullmatch(r"-?[\d.]+", text):
+        return []
+    return _parse_text(f"{text}/100", latex_first=False)
+
+
+def _extract(response: str, policy: str = "strict") -> tuple[str | None, list[list]]:
+    """(predicted string, math-verify parses it may stand for) under `policy` (strict/flexible)."""
+    response = _own_part(response or "")
+    for kind, raw in _final_statements(response):
+        text = _clean(raw)
         if not text:  # "... what the answer is." states nothing: look further back
             continue
+        if kind == "text":
+            text = _leading_number(text) or text
         parsed = _parse_text(text, latex_first=(kind == "boxed"))
         # math-verify returns [sympy object, matched string]: the string is what was graded. An
         # answer it cannot parse ("twelve") is still an answer, a wrong one: predicted = the text.
         predicted = next((p for p in reversed(parsed) if isinstance(p, str)), None) or text
-        return predicted, parsed
+        return predicted, [parsed, _percent_alternative(raw, text)]
+    if policy == "flexible":
+        numbers = list(_LAST_NUMBER.finditer(_UNIT_POWER.sub("", response)))
+        if numbers:
+            raw = numbers[-1].group(0)
+            text = _clean(raw).replace(" ", "")
+            text = text.replace(",", "") if _THOUSANDS.match(text) else text
+            return text, [_parse_text(text, latex_first=False), _percent_alternative(raw, text)]
     return None, []
 
 
-def extract_answer(response: str) -> str | None:
-    """The final answer a response states, as a string; None when it states none."""
-    return _extract(response)[0]
+def _check_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise GradingPolicyError(f"grading={policy!r}: choose one of {', '.join(POLICIES)} "
+                                 "(data.grading in the pipeline)")
+
+
+def extract_answer(response: str, policy: str = "strict") -> str | None:
+    """The final answer a response states under `policy`, as a string; None when it states none."""
+    _check_policy(policy)
+    if policy.startswith("authors"):
+        pred = (authors.extract_gsm8k if policy == "authors_gsm8k" else authors.extract_math)(response or "")
+        return pred or None
+    return _extract(response, policy)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,25 +327,39 @@ def _time_limit(timeout_s: float | None):
             signal.setitimer(signal.ITIMER_REAL, max(remaining, 1e-3), outer_interval)
 
 
-def grade(response: str, gold: str | Sequence[str], *, timeout_s: float = 5.0) -> Grade:
-    """Grade one response against one or several accepted gold answers.
+def _authors_prediction(response: str, policy: str) -> tuple[str | None, list[list]]:
+    predicted = extract_answer(response, policy)
+    return predicted, [_parse_text(_clean(predicted), latex_first=False)] if predicted else []
+
+
+def grade(response: str, gold: str | Sequence[str], *, timeout_s: float = 5.0, policy: str = "strict") -> Grade:
+    """Grade one response against one or several accepted gold answers under `policy` (POLICIES).
 
     Correct when the prediction matches any gold. Raises GoldParseError when the prediction
     matches no parseable gold and some gold could not be parsed: that item cannot be graded.
     A timeout gives Grade(correct=False, error='timeout: ...').
     """
+    _check_policy(policy)
+    by_authors = policy.startswith("authors")
     predicted = None
     try:
         with _time_limit(timeout_s):
-            predicted, pred_parsed = _extract(response)
+            predicted, alternatives = (_authors_prediction if by_authors else _extract)(response, policy)
             unparseable: list[GoldParseError] = []
             for g in _golds(gold):
+                if by_authors and predicted:
+                    own = g.strip().lower() if policy == "authors_gsm8k" else g.strip()  # they lower-case GSM8K only
+                    same = predicted == own or authors.numbers_equal(predicted, g)
+                    if same is not None:  # both numbers: the authors' comparison decides
+                        if same:
+                            return Grade(True, predicted)
+                        continue
                 try:
                     gold_parsed = _parse_gold(g)
                 except GoldParseError as e:
                     unparseable.append(e)
                     continue
-                if pred_parsed and verify(list(gold_parsed), pred_parsed, timeout_seconds=None):
+                if any(p and verify(list(gold_parsed), p, timeout_seconds=None) for p in alternatives):
                     return Grade(True, predicted)
     except GradingTimeout as e:
         return Grade(False, predicted, f"timeout: {e}")
@@ -284,6 +375,7 @@ def grade_records(
     response_key: str = "response",
     answer_key: str = "answer",
     timeout_s: float = 5.0,
+    policy: str = "strict",
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Grade records; each output record = input + `correct`, `extracted` (+ `grade_error`).
 
@@ -296,7 +388,7 @@ def grade_records(
         n += 1
         graded = dict(record)
         try:
-            g = grade(record[response_key], record[answer_key], timeout_s=timeout_s)
+            g = grade(record[response_key], record[answer_key], timeout_s=timeout_s, policy=policy)
             graded.update(correct=g.correct, extracted=g.predicted)
             if g.error:
                 graded["grade_error"] = g.error
@@ -318,6 +410,7 @@ def grade_records(
         "gold_unparseable": gold_unparseable,
         "no_answer": no_answer,
         "timeouts": timeouts,
+        "policy": policy,
     }
     return out, summary
 
@@ -357,13 +450,15 @@ def grade_file(
     response_key: str = "response",
     answer_key: str = "answer",
     timeout_s: float = 5.0,
+    policy: str = "strict",
 ) -> dict[str, Any]:
     """Grade a predictions JSONL (`response`, `answer`, optional `question`, any other fields kept)
     into a graded JSONL, written atomically; returns the summary with `input` and `output` paths."""
     in_path = Path(in_path)
     out_path = Path(out_path) if out_path is not None else default_output_path(in_path)
+    _check_policy(policy)  # before reading a large file
     records = _load_predictions(in_path, response_key, answer_key)
     graded, summary = grade_records(records, response_key=response_key, answer_key=answer_key,
-                                    timeout_s=timeout_s)
+                                    timeout_s=timeout_s, policy=policy)
     write_jsonl(out_path, graded)
     return {**summary, "input": str(in_path), "output": str(out_path)}

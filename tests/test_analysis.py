@@ -60,7 +60,7 @@ def oracle(monkeypatch, tok):
     the text of y_<=c; for any other gold, never correct."""
     critical_texts = {}
 
-    def fake_grade(text, answers):
+    def fake_grade(text, answers, policy="strict"):
         t = critical_texts.get(answers[0])
         return Grade(correct=t is not None and not text.startswith(t), predicted=None)
 
@@ -116,7 +116,7 @@ def test_rollout_finds_the_critical_token(model, tok, oracle, stride, refine, ex
 
 
 def test_trajectory_lost_from_the_start_has_no_critical_token(model, tok, monkeypatch):
-    monkeypatch.setattr(rollout, "grade", lambda text, answers: Grade(False, None))
+    monkeypatch.setattr(rollout, "grade", lambda text, answers, policy="strict": Grade(False, None))
     r = rollout_trajectory(model, tok, _item(tok), RolloutSettings(stride=4, **SMALL), seed=0)
     assert r["critical_index"] is None and r["critical_exact"] and "with" not in r
     assert set(r["correct"]) == {0}

@@ -127,15 +127,28 @@ def test_paper_cells_read_like_the_paper(cell, temperature):
     model, data = cell
     cfg = _compose([f"+experiment={model}_{data}"])
     assert (cfg.sample.n, cfg.sample.temperature) == (64, temperature)
-    assert (cfg.select.top_k, cfg.select.negative_rule, cfg.select.top_p) == (1, "top_p", 0.5)
+    assert (cfg.select.top_k, cfg.select.negative_rule, cfg.select.top_p) == (1, "authors", 0.5)
     assert (cfg.ce_lora.r, cfg.ce_lora.alpha, cfg.ce.lr, cfg.ce.epochs, cfg.ce.b) == (8, 16, 3e-4, 1, 1.0)
     assert (cfg.peft.r, cfg.peft.alpha, cfg.align.lr, cfg.align.epochs, cfg.align.grad_accum) == (16, 32, 4e-5, 3, 4)
     assert cfg.peft.get("quantization") == ("nf4" if model == "llama3_70b" else None)
     assert (cfg.trainer.accelerator, cfg.data.max_length, cfg.data.max_prompt_length) == ("gpu", 1500, 512)
+    # the authors' prompts, sampling and answer rule (issue 11, items 2-4)
+    shots = {"gsm8k": (8, "gsm8k_cot_8shot", "authors_gsm8k"), "math500": (4, "math_minerva_4shot", "authors_math")}
+    assert (cfg.data.n_shot, cfg.data.exemplars, cfg.data.grading) == shots[data]
+    assert (cfg.data.train_n_shot, cfg.data.strip_prompt, cfg.data.max_new_tokens) == (0, True, 1024)
+    assert (cfg.sample.top_p, cfg.eval.top_p, cfg.sample.max_new_tokens, cfg.eval.temperature) == (0.95, 0.95, 1024, 0.0)
+    assert list(cfg.data.stop) == ["\n\nQuestion:", "\n\nProblem:"]
     for method in ("dpo", "tokendpo", "rpo", "cdpo"):
         assert _compose([f"+experiment={model}_{data}", f"method={method}"]).method.beta == 0.1
     # the kept name with another data set follows the data set's temperature too
     assert _compose([f"+experiment={model}_cdpo", f"data={data}"]).sample.temperature == temperature
+
+
+def test_embedded_default_keeps_its_prompts_and_grading():
+    cfg = _compose()
+    assert (cfg.data.n_shot, cfg.data.exemplars, cfg.data.train_n_shot, cfg.data.strip_prompt) == (3, "arith", None, False)
+    assert (cfg.sample.top_p, cfg.eval.top_p, cfg.sample.max_new_tokens) == (1.0, 1.0, 64)
+    assert (cfg.data.grading, cfg.select.negative_rule) == ("strict", "top_p")
 
 
 def test_kept_preset_names_equal_the_cell_presets():

@@ -242,6 +242,37 @@ def test_eight_shot_gsm8k_prompt():
         build_prompt("q", "math", n_shot=2)
 
 
+def test_shipped_exemplars_are_the_standard_few_shot_prompts():
+    """data/exemplars: Wei et al.'s 8 GSM8K chain-of-thought exemplars and Minerva's 4 MATH ones
+    (as in lm-evaluation-harness); the paper presets sample and evaluate after them."""
+    from cdpo.data import load_exemplars
+
+    gsm8k, math = load_exemplars("gsm8k_cot_8shot"), load_exemplars("math_minerva_4shot")
+    assert len(gsm8k) == 8 and len(math) == 4
+    assert gsm8k[0][1].startswith("There are 15 trees originally.") and gsm8k[-1][1].endswith("The answer is 8.")
+    assert [a.rsplit(" ", 1)[-1] for _, a in gsm8k] == ["6.", "5.", "39.", "8.", "9.", "29.", "33.", "8."]
+    assert all(a.endswith("I hope it is correct.") and "\\boxed{" in a for _, a in math)
+    assert "Final Answer: The final answer is $-\\frac{2}{3}$." in math[3][1]
+    with pytest.raises(DataError, match="data.exemplars='mmlu'.*gsm8k_cot_8shot"):
+        load_exemplars("mmlu")
+
+
+def test_few_shot_prompts_stripped_like_the_authors():
+    from cdpo.data import load_exemplars
+
+    q = "Tom has 3 apples. How many?"
+    prompt = build_prompt(q, n_shot=8, exemplars=load_exemplars("gsm8k_cot_8shot"), strip=True)
+    blocks = prompt.split("\n\n")
+    assert len(blocks) == 9 and blocks[0].startswith("Question: There are 15 trees in the grove.")
+    assert blocks[0].endswith("\nAnswer: There are 15 trees originally. Then there were 21 trees after some more "
+                              "were planted. So there must have been 21 - 15 = 6. The answer is 6.")
+    assert blocks[8] == f"Question: {q}\nAnswer:"  # no trailing space: the model writes it
+    math = build_prompt("Find $x$.", "math", n_shot=4, exemplars=load_exemplars("math_minerva_4shot"), strip=True)
+    assert math.startswith("Problem: Find the domain") and math.endswith("\n\nProblem: Find $x$.\nSolution:")
+    assert math.count("Problem: ") == 5 and math.count("Final Answer:") == 4
+    assert build_prompt(q, strip=True) == f"Question: {q}\nAnswer:"  # zero-shot training prompt
+
+
 def test_chat_prompt_uses_the_tokenizer_template():
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel

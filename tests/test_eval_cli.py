@@ -38,14 +38,17 @@ def test_grades_a_predictions_file(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     graded_path = data / "preds.graded.jsonl"
-    assert f"accuracy 60.0% (3/5); 1 without an answer; 1 gold unparseable -> {graded_path}" in proc.stdout
+    # the default policy is flexible: the truncated solution's last number (12) is its (wrong) answer
+    assert (f"accuracy 60.0% (3/5); 0 without an answer; 1 gold unparseable; grading flexible -> {graded_path}"
+            in proc.stdout)
     graded = [json.loads(line) for line in graded_path.read_text().splitlines()]
     assert [r["correct"] for r in graded] == [True, True, False, False, True, None]
-    assert [r["extracted"] for r in graded] == ["1000", "18", "520", None, "\\frac{1}{2}", "7"]
+    assert [r["extracted"] for r in graded] == ["1000", "18", "520", "12", "\\frac{1}{2}", "7"]
     assert graded[0]["question"] == "How many boxes?"
 
     summary = json.loads((data / "preds.graded.summary.json").read_text())
     assert summary["accuracy"] == 0.6 and summary["n"] == 6 and summary["gold_unparseable"] == 1
+    assert summary["policy"] == "flexible"
 
     # grading a file loads no model stack, and Hydra leaves nothing behind in the cwd
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
@@ -86,3 +89,13 @@ def test_missing_file_and_no_predictions(tmp_path):
     proc = run_eval(tmp_path, "model.path=./no-such-model")
     assert proc.returncode != 0 and "no-such-model does not exist" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_grading_policy_choice_and_a_bad_one(tmp_path):
+    write_predictions(tmp_path / "preds.jsonl", [{"response": "So she makes 9 * 2 = 18", "answer": "18"}])
+    strict = run_eval(tmp_path, "predictions=preds.jsonl", "grading=strict")
+    assert strict.returncode == 0 and "accuracy 0.0% (0/1); 1 without an answer" in strict.stdout
+    assert "grading strict" in strict.stdout
+    bad = run_eval(tmp_path, "predictions=preds.jsonl", "grading=lenient")
+    assert bad.returncode != 0 and "grading='lenient': choose one of strict, flexible" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -176,7 +176,7 @@ def test_grade_records_summary():
     assert "\\\\frac{1}{" in graded[4]["grade_error"]
     assert graded[0]["question"] == "q1" and "correct" not in RECORDS[0]  # input left untouched
     assert summary == {"n": 5, "graded": 4, "correct": 2, "accuracy": 0.5,
-                       "gold_unparseable": 1, "no_answer": 1, "timeouts": 0}
+                       "gold_unparseable": 1, "no_answer": 1, "timeouts": 0, "policy": "strict"}
 
 
 def test_grade_file_writes_beside_the_input(tmp_path):
@@ -220,3 +220,104 @@ def test_grade_file_bad_lines_name_file_and_line(tmp_path, line, message):
 def test_grade_file_missing_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         grade_file(tmp_path / "nope.jsonl")
+
+
+# --- named policies (issue 11, item 4) ---------------------------------------------------------
+
+# GSM8K-style solutions in the formats models write, each with the label a person gives it
+# (gold, correct?). Hand-made from the formats, not from any one model's file.
+LABELLED = [
+    ("Janet sells 16 - 3 - 4 = 9 eggs and makes 9 * 2 = 18 dollars. The answer is 18.", "18", True),
+    ("16 - 3 - 4 = 9\n9 * 2 = 18\n#### 18", "18", True),
+    ("She makes 9 * 2 = 18 dollars a day, so the answer is $\\boxed{18}$.", "18", True),
+    ("She makes 9 * 2 = 18 dollars.\nA: 18", "18", True),
+    ("She makes 9 * 2 = 18 dollars.\nAnswer: 18", "18", True),
+    ("She makes 9 * 2 = 18 dollars.\n**Answer:** $18", "18", True),
+    ("Janet sells 16 - 3 - 4 = 9 eggs, so she makes 9 * 2 = 18", "18", True),
+    ("Janet sells 9 eggs at $2 each, so she makes $18.", "18", True),
+    ("So every day she makes 18 dollars", "18", True),
+    ("The trucks carry 4 * 250 = 1,000 boxes.", "1000", True),
+    ("45 of 450 students is 10 % of them, so 70% passed.", "0.7", True),
+    ("The answer is 70%.", "0.7", True),
+    ("Final Answer: The final answer is 18. I hope it is correct.", "18", True),
+    ("Final Answer: The final answer is $18$. I hope it is correct.", "18", True),
+    ("The final answer is: $\\boxed{18}$", "18", True),
+    ("So she has 20 - 12 = 8 left.\nThe final answer is 8", "8", True),
+    ("Step 1: 5 + 3 = 8\nStep 2: 8 * 2 = 16\nFinal answer: 16", "16", True),
+    ("So the total is 18 * 2 = 36 dollars.\n\nAnswer: \\boxed{36}", "36", True),
+    ("Tom has 12 apples. The answer is 12.\nWait, he gave 4 away: 12 - 4 = 8.\nThe answer is 8.", "8", True),
+    ("He pays 3 * 4 = 12 dollars. The answer is 12.\n\nQuestion: Ann has 5 pens. How many?\nAnswer: 5.", "12",
+     True),
+    ("He pays 3 * 4 = 12 dollars. The answer is 12.\nQ: Ann has 5 pens.\nA: The answer is 5.", "12", True),
+    ("The room is 3 * 6 = 18 m^2.", "18", True),
+    ("So she has 18 dollars. The answer is 18 dollars.", "18", True),
+    ("The answer is 1,080.", "1080", True),
+    ("\\boxed{1,080}", "1080", True),
+    ("He saves 12.50 a week. The answer is $12.50.", "12.5", True),
+    ("The answer is -5.", "-5", True),
+    ("She picked 16 + 4 = 20. The answer is 20 apples, 4 more than 16.", "20", True),
+    ("The answer is 20 and she has 3 left.", "20", True),
+    ("The answer is 12 cookies in 3 boxes.", "12", True),
+    ("The answer is 9 * 2 = 18.", "18", True),
+    ("The answer is 20 times 3 = 60.", "60", True),
+    ("The answer is 20 apples, 4 more than 16.", "16", False),
+    ("He runs 9 * 60 = 520 meters. The answer is 520.", "540", False),
+    ("He runs 9 * 60 = 520 meters.\n#### 520", "540", False),
+    ("He runs 9 * 60 = 520 meters", "540", False),
+    ("She makes 9 * 2 = 18 dollars.\nA: 16", "18", False),
+    ("The answer is 7%.", "0.7", False),
+    ("John buys 3 boxes of 12 pens and gives away 5", "31", False),
+]
+
+GSM8K_POLICIES = ("strict", "flexible", "authors_gsm8k")
+
+
+def _agreement(policy):
+    return sum(grade(r, g, policy=policy).correct == label for r, g, label in LABELLED) / len(LABELLED)
+
+
+def test_flexible_agrees_with_the_labels_best():
+    scores = {p: _agreement(p) for p in GSM8K_POLICIES}
+    assert scores["flexible"] == 1.0, [(r, g) for r, g, label in LABELLED
+                                       if grade(r, g, policy="flexible").correct != label]
+    # strict misses the unanchored formats, the authors' rule boxed/continued/unit-power answers
+    assert scores["strict"] < 0.85 and scores["authors_gsm8k"] < 0.95
+
+
+@pytest.mark.parametrize("response, gold, strict, flexible, authors", [
+    ("The answer is 18. The answer is 20.", "18", False, False, True),  # authors: the first statement
+    ("The answer is 18. The answer is 20.", "20", True, True, False),
+    ("She makes $\\boxed{18}$. That is 2 more than 16.", "18", True, True, False),  # authors: last number
+    ("She makes 9 * 2 = 18", "18", False, True, True),
+    ("The answer is 70%.", "0.7", True, True, True),
+    ("The answer is 7.", "700", False, False, True),  # the authors' percentage rule, either way
+    ("The answer is 0.7.", "70", False, False, True),
+    ("The answer is $1,000.", "1000", True, True, True),
+])
+def test_policies_differ_where_they_should(response, gold, strict, flexible, authors):
+    got = [grade(response, gold, policy=p).correct for p in GSM8K_POLICIES]
+    assert got == [strict, flexible, authors]
+
+
+@pytest.mark.parametrize("response, gold, extracted", [
+    ("Final Answer: The final answer is $\\frac{1}{2}$. I hope it is correct.", "\\frac12", "\\frac{1}{2}"),
+    ("So $x = \\boxed{\\frac{1}{2}}$.", "0.5", "\\frac{1}{2}"),
+    ("We get $x = 3$, so the answer is 3.", "3", "3"),
+    ("So x = 4 and y = 5", "5", "5"),
+    ("The probability is 25%.\n\nProblem: Find x.\nSolution: x = 2.", "0.25", "25"),
+])
+def test_authors_math_rule(response, gold, extracted):
+    g = grade(response, gold, policy="authors_math")
+    assert g.correct and g.predicted == extracted
+
+
+def test_unknown_policy_names_the_config_key(tmp_path):
+    with pytest.raises(ValueError, match="grading='lenient'"):
+        grade("The answer is 1.", "1", policy="lenient")
+    with pytest.raises(ValueError, match="grading='lenient'"):
+        grade_file(tmp_path / "missing.jsonl", policy="lenient")
+
+
+def test_policy_reported_in_the_summary():
+    _, summary = grade_records(RECORDS[:3], policy="flexible")
+    assert summary["policy"] == "flexible" and summary["no_answer"] == 0

@@ -160,3 +160,97 @@ def test_eval_results_reach_wandb_offline(tmp_path, monkeypatch):
         assert key in blob, key
     context.log_results(_cfg(tmp_path / "csv"), "x", {"eval/accuracy": 1.0})  # csv logger: nothing to do
     assert not (tmp_path / "csv").exists()
+
+
+def _graded(*groups):
+    """Samples from (extracted answer, correct, count) groups, in that order."""
+    return [{"response": f"... {a}", "response_ids": [i], "extracted": a, "correct": ok}
+            for i, (a, ok, n) in enumerate(groups) for _ in range(n)]
+
+
+def _negatives(samples, rule, top_p=0.5):
+    record = {"id": "q", "question": "?", "answers": ["1"], "prompt": "", "prompt_ids": [0], "samples": samples}
+    _, neg, pairs = select_question(record, top_k=1, top_p=top_p, negative_rule=rule)
+    return [n["extracted"] for n in neg], [p["rejected_answer"] for p in pairs]
+
+
+@pytest.mark.parametrize("groups,authors,top_p", [
+    # 11 answered wrong samples: 7 (4) < 5.5, 7+8 (7) >= 5.5; top_p also counts the unanswered one
+    ([("1", True, 1), ("7", False, 4), ("8", False, 3), ("9", False, 2), ("5", False, 1), ("6", False, 1),
+      (None, False, 1)], ["7", "8"], ["7", "8"]),
+    # singletons: the authors take the first wrong answer only; top_p keeps taking them
+    ([("1", True, 1), ("7", False, 1), ("8", False, 1), ("9", False, 1), ("10", False, 1)], ["7"], ["7", "8"]),
+    # unanswered samples: not counted by the authors (2 of 4 answered), counted and taken by top_p
+    ([("1", True, 2), ("7", False, 2), ("8", False, 2), (None, False, 6)], ["7"], ["7", "8", None]),
+    # 7 (3 of 6 answered) is enough for the authors; top_p needs 5 of 10 samples
+    ([("1", True, 1), ("7", False, 3), ("8", False, 1), ("9", False, 1), ("10", False, 1), (None, False, 4)],
+     ["7"], ["7", "8", "9"]),
+    # an answer seen twice after the first is taken by both
+    ([("1", True, 1), ("7", False, 3), ("8", False, 2), ("9", False, 2), ("5", False, 1)], ["7", "8"], ["7", "8"]),
+])
+def test_negative_rules_authors_and_top_p(groups, authors, top_p):
+    assert _negatives(_graded(*groups), "authors")[0] == authors
+    assert _negatives(_graded(*groups), "top_p")[0] == top_p
+
+
+def test_authors_rule_gives_no_pair_without_an_answered_wrong_sample():
+    samples = _graded(("1", True, 3), (None, False, 5))
+    assert _negatives(samples, "authors") == ([], [])
+    assert _negatives(samples, "top_p") == ([None], [None])  # this project's rule pairs an unanswered one
+    # with one answered wrong sample the pair's rejected is that one, not the more frequent no-answer
+    samples = _graded(("1", True, 3), (None, False, 5), ("9", False, 1))
+    assert _negatives(samples, "authors") == (["9"], ["9"])
+
+
+def _authors_reference(samples, top_p):
+    """A literal transcription of the rule in the authors' code (src/pipeline.py): a need counter of
+    ceil(top_p * answered wrong samples), decremented by each taken answer's count."""
+    import math
+    from collections import Counter
+
+    wrong = Counter(s["extracted"] for s in samples if not s["correct"] and s["extracted"])
+    need = first = math.ceil(top_p * sum(wrong.values()))
+    taken = []
+    for answer, count in sorted(wrong.items(), key=lambda kv: -kv[1]):  # stable: ties by first appearance
+        if need > 0 and (need == first or count > 1):
+            taken.append(answer)
+            need -= count
+    return taken
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("top_p", [0.3, 0.5, 0.9])
+def test_authors_rule_matches_a_literal_transcription(seed, top_p):
+    import random
+
+    rng = random.Random(seed)
+    samples = [{"response": "", "response_ids": [0], "correct": rng.random() < 0.2,
+                "extracted": rng.choice([None, "3", "4", "5", "6", "7", "8", "9"])} for _ in range(rng.randint(1, 30))]
+    assert _negatives(samples, "authors", top_p)[0] == _authors_reference(samples, top_p)
+
+
+def test_training_prompt_is_zero_shot_when_configured(tmp_path, tok):
+    """The authors sample after a few-shot prompt but train the CE models and the policy on the
+    zero-shot one: select writes the training prompt into positives, negatives and pairs."""
+    over = ("data.n_shot=3", "data.train_n_shot=0", "data.strip_prompt=true")
+    cfg = _cfg(tmp_path, *over)
+    q = "Ann has 2 pens and buys 3 more. How many pens does she have?"
+    sampled = context.prompt_of(cfg, tok, q)
+    assert sampled.count("Question: ") == 4 and sampled.endswith("Answer:")
+    samples = [{"response": " 2 + 3 = 5. The answer is 5.", "response_ids": tok(" 2 + 3 = 5. The answer is 5.")["input_ids"],
+                "extracted": "5", "correct": True},
+               {"response": " 2 + 3 = 6. The answer is 6.", "response_ids": [1, 2], "extracted": "6", "correct": False}]
+    write_jsonl(tmp_path / "trajectories.jsonl", [{"key": "q1", "id": "q1", "question": q, "answers": ["5"],
+                                                   "prompt": sampled, "prompt_ids": context.prompt_ids(cfg, tok, sampled),
+                                                   "samples": samples}])
+    select_stage.run(cfg, RunPaths(cfg))
+    zero_shot = f"Question: {q}\nAnswer:"
+    for name in ("positives", "negatives", "pairs"):
+        (row,) = read_jsonl(tmp_path / f"{name}.jsonl")
+        assert row["prompt"] == zero_shot and row["prompt_ids"] == tok(zero_shot)["input_ids"]
+    # the text the CE models and policy see is the authors' "Question: q\nAnswer: <response>"
+    (pos,) = read_jsonl(tmp_path / "positives.jsonl")
+    assert tok.decode(pos["prompt_ids"] + pos["response_ids"]) == f"{zero_shot} 2 + 3 = 5. The answer is 5."
+    # without train_n_shot the sampling prompt is kept (the embedded default)
+    select_stage.run(_cfg(tmp_path, "data.n_shot=3"), RunPaths(cfg))
+    assert read_jsonl(tmp_path / "pairs.jsonl")[0]["prompt"] == sampled

@@ -53,6 +53,7 @@ class RolloutSettings:
     max_new_tokens: int = 64   # per continuation
     batch_size: int = 32
     stop: list[str] = field(default_factory=list)
+    grading: str = "strict"    # answer rule (cdpo.grading.POLICIES), the run's data.grading
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -76,8 +77,9 @@ def response_text(tokenizer, prefix_ids: list[int], completion: Completion | Non
     return _cut_at_stop(tokenizer.decode(ids[:end], skip_special_tokens=True), stop)[0]
 
 
-def _graded(tokenizer, prefixes: list[list[int]], outs: list[list[Completion]], answers, stop) -> list[list[bool]]:
-    return [[grade(response_text(tokenizer, prefix, c, stop), answers).correct for c in comps]
+def _graded(tokenizer, prefixes: list[list[int]], outs: list[list[Completion]], answers, stop,
+            policy: str = "strict") -> list[list[bool]]:
+    return [[grade(response_text(tokenizer, prefix, c, stop), answers, policy=policy).correct for c in comps]
             for prefix, comps in zip(prefixes, outs)]
 
 
@@ -91,7 +93,7 @@ def success_counts(model, tokenizer, prompt_ids, response_ids, positions, answer
     outs = generate_ids(model, tokenizer, [list(prompt_ids) + p for p in prefixes], n=s.m, temperature=s.temperature,
                         top_p=s.top_p, max_new_tokens=s.max_new_tokens, stop=s.stop, seed=seed,
                         batch_size=s.batch_size, progress=False, stats=stats)
-    return {t: sum(ok) for t, ok in zip(positions, _graded(tokenizer, prefixes, outs, answers, s.stop))}
+    return {t: sum(ok) for t, ok in zip(positions, _graded(tokenizer, prefixes, outs, answers, s.stop, s.grading))}
 
 
 def critical_position(rates: dict[int, float]) -> int | None:
@@ -153,7 +155,7 @@ def rollout_trajectory(model, tokenizer, item: dict, s: RolloutSettings, *, seed
         outs = generate_ids(model, tokenizer, [prompt + p for p in prefixes], n=1, temperature=s.temperature,
                             top_p=s.top_p, max_new_tokens=s.max_new_tokens, stop=s.stop, seed=seed + 3,
                             batch_size=s.batch_size, progress=False, stats=stats)
-        ok = [o[0] for o in _graded(tokenizer, prefixes, outs, answers, s.stop)]
+        ok = [o[0] for o in _graded(tokenizer, prefixes, outs, answers, s.stop, s.grading)]
         record["with"] = {"n": s.compare_n, "correct": sum(ok[:s.compare_n])}
         record["without"] = {"n": s.compare_n, "correct": sum(ok[s.compare_n:]), "replacement_ids": replacements,
                              "replacement_correct": ok[s.compare_n:]}

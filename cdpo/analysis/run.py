@@ -45,7 +45,7 @@ def settings(cfg: DictConfig) -> RolloutSettings:
     r = cfg.rollout
     return RolloutSettings(m=r.m, stride=r.stride, refine=r.refine, compare_n=r.compare_n, temperature=r.temperature,
                            top_p=r.top_p, max_new_tokens=r.max_new_tokens, batch_size=r.batch_size,
-                           stop=context.stops(cfg))
+                           stop=context.stops(cfg), grading=cfg.data.get("grading", "strict"))
 
 
 def measured_tokens_per_s(model, tok, item: dict, s: RolloutSettings) -> float:

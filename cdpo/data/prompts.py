@@ -2,9 +2,11 @@
 
 gsm8k: "Question: {q}\\nAnswer: "   math: "Problem: {q}\\nSolution: "   chat: the tokenizer's
 chat template around the question plus an instruction to end with "The answer is N.".
+Few-shot exemplars: built-in GSM8K ones, or a shipped set from data/exemplars (`load_exemplars`).
 """
 from __future__ import annotations
 
+import json
 from typing import Sequence
 
 CHAT_INSTRUCTION = "Solve step by step and finish with 'The answer is N.' where N is the final answer."
@@ -50,17 +52,32 @@ GSM8K_EXEMPLARS: list[tuple[str, str]] = [
 ]
 
 
+def load_exemplars(name: str) -> list[tuple[str, str]]:
+    """(question, worked answer) pairs of data/exemplars/<name>.jsonl (provenance: data/README.md)."""
+    from ..io import DataError
+    from .sources import data_dir
+
+    path = data_dir() / "exemplars" / f"{name}.jsonl"
+    if not path.exists():
+        known = sorted(p.stem for p in path.parent.glob("*.jsonl"))
+        raise DataError(f"data.exemplars={name!r}: no file {path}; shipped sets: {', '.join(known)}")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [(r["question"], r["answer"]) for r in rows]
+
+
 def _check_style(style: str) -> None:
     if style not in PROMPT_STYLES:
         raise ValueError(f"unknown prompt style {style!r}; known styles: {', '.join(PROMPT_STYLES)}")
 
 
 def build_prompt(question: str, style: str = "gsm8k", *, n_shot: int = 0, tokenizer=None,
-                 exemplars: Sequence[tuple[str, str]] | None = None) -> str:
+                 exemplars: Sequence[tuple[str, str]] | None = None, strip: bool = False) -> str:
     """The text the model continues; n_shot exemplars (gsm8k and chat styles) come first.
 
     `exemplars` replaces the GSM8K ones with other (question, worked answer) pairs, e.g. the
-    arith task's own (`cdpo.data.arith.arith_exemplars`).
+    arith task's own (`cdpo.data.arith.arith_exemplars`) or a shipped set (`load_exemplars`).
+    `strip` drops trailing whitespace ("Answer:" instead of "Answer: "), as the authors' code does
+    with every prompt it samples and evaluates with: the model then writes the space itself.
     """
     _check_style(style)
     pool = GSM8K_EXEMPLARS if exemplars is None else list(exemplars)
@@ -81,7 +98,8 @@ def build_prompt(question: str, style: str = "gsm8k", *, n_shot: int = 0, tokeni
     template = PROMPT_STYLES[style]
     # Exemplar answers follow the template's trailing space directly: "Answer: The grove ...".
     parts = [template.format(q=q) + a for q, a in shots]
-    return "\n\n".join(parts + [template.format(q=question)])
+    prompt = "\n\n".join(parts + [template.format(q=question)])
+    return prompt.rstrip() if strip else prompt
 
 
 def stop_strings(style: str) -> list[str]:

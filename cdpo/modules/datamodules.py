@@ -12,11 +12,12 @@ from cdpo.data.collate import TruncationCounter, collate_pairs, collate_sequence
 class _RecordsDataModule(L.LightningDataModule):
     def __init__(self, records: Sequence[dict[str, Any]], *, pad_id: int, batch_size: int = 8,
                  shuffle: bool = True, seed: int = 0, max_length: int = 1536, max_prompt_length: int = 512,
-                 padding_side: str = "right"):
+                 padding_side: str = "right", val_records: Sequence[dict[str, Any]] = ()):
         super().__init__()
         if not records:
             raise ValueError("no records to load")
         self.records, self.batch_size, self.shuffle, self.seed = list(records), batch_size, shuffle, seed
+        self.val_records = list(val_records)
         self.collate_kw = dict(pad_id=pad_id, max_length=max_length, max_prompt_length=max_prompt_length,
                                padding_side=padding_side)
         self.truncation = TruncationCounter()
@@ -24,15 +25,18 @@ class _RecordsDataModule(L.LightningDataModule):
     def _collate(self, items):
         raise NotImplementedError
 
-    def _loader(self, shuffle: bool) -> DataLoader:
+    def _loader(self, shuffle: bool, records=None) -> DataLoader:
         import torch
 
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.records, batch_size=self.batch_size, shuffle=shuffle, generator=generator,
-                          collate_fn=self._collate)
+        return DataLoader(self.records if records is None else records, batch_size=self.batch_size, shuffle=shuffle,
+                          generator=generator, collate_fn=self._collate)
 
     def train_dataloader(self):
         return self._loader(self.shuffle)
+
+    def val_dataloader(self):
+        return self._loader(False, self.val_records) if self.val_records else []
 
     def predict_dataloader(self):
         return self._loader(False)

@@ -18,3 +18,8 @@ class SFTModule(AdapterTrainingModule):
         self.log_dict({k: v for k, v in metrics.items()}, batch_size=batch["input_ids"].shape[0])
         return loss
 
+    def validation_step(self, batch, batch_idx):
+        """Held-out NLL, a token mean over the whole validation set (each batch weighted by its tokens)."""
+        loss, _ = sft_loss(response_logps(self.model, batch, impl=self.loss_impl), batch["mask"])
+        self.log("val_loss", loss, batch_size=int(batch["mask"].sum()), prog_bar=True)
+

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cdpo import distributed
-from cdpo.data import arith_exemplars, build_prompt, load_problems, stop_strings
+from cdpo.data import arith_exemplars, build_prompt, load_exemplars, load_problems, stop_strings
 from cdpo.models import load_adapter, load_model, load_tokenizer, tiny_llama_like_embedded
 
 TINY = "tiny:llama"
@@ -92,12 +92,23 @@ def problems(cfg: DictConfig, split: str, limit) -> list:
     return load_problems(source, split, limit=limit, **task)
 
 
-def prompt_of(cfg: DictConfig, tok, question: str) -> str:
+def prompt_of(cfg: DictConfig, tok, question: str, *, for_training: bool = False) -> str:
+    """The prompt sample and eval generate after (data.n_shot exemplars); `for_training`: the one
+    the CE models and the policy are trained and scored with (data.train_n_shot, when set)."""
     d = cfg.data
-    exemplars = None
-    if d.get("exemplars") == "arith":  # the task's own worked examples instead of GSM8K's
-        exemplars = arith_exemplars(d.n_shot, **dict(d.get("task") or {}))
-    return build_prompt(question, d.prompt_style, n_shot=d.n_shot, tokenizer=tok, exemplars=exemplars)
+    n_shot = d.n_shot if not for_training or d.get("train_n_shot") is None else d.train_n_shot
+    exemplars, name = None, d.get("exemplars")
+    if name == "arith":  # the task's own worked examples instead of GSM8K's
+        exemplars = arith_exemplars(n_shot, **dict(d.get("task") or {}))
+    elif name:  # a shipped set, e.g. the authors' 8-shot GSM8K / 4-shot MATH prompts
+        exemplars = load_exemplars(name)
+    return build_prompt(question, d.prompt_style, n_shot=n_shot, tokenizer=tok, exemplars=exemplars,
+                        strip=bool(d.get("strip_prompt", False)))
+
+
+def separate_training_prompt(cfg: DictConfig) -> bool:
+    """Whether training uses another prompt than sampling (the authors: few-shot vs zero-shot)."""
+    return cfg.data.get("train_n_shot") is not None and cfg.data.train_n_shot != cfg.data.n_shot
 
 
 def prompt_ids(cfg: DictConfig, tok, prompt: str) -> list[int]:

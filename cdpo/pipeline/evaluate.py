@@ -34,13 +34,14 @@ def evaluate_model(cfg: DictConfig, model, tok, out_path: Path, label: str, sign
     e = cfg.eval
     problems = context.problems(cfg, e.split, e.limit)
     stats = GenerationStats()
-    records = generate_graded(cfg, model, tok, problems, n=e.n, temperature=e.temperature, top_p=1.0,
+    records = generate_graded(cfg, model, tok, problems, n=e.n, temperature=e.temperature, top_p=e.get("top_p", 1.0),
                               max_new_tokens=cfg.generation.max_new_tokens, seed=cfg.seed, desc=f"eval {label}",
                               stats=stats)
     n_correct = [sum(s["correct"] for s in r["samples"]) for r in records]
     first_correct = sum(r["samples"][0]["correct"] for r in records)
     results = {
-        "model": label, "split": e.split, "questions": len(records), "samples_per_question": e.n,
+        "model": label, "split": e.split, "grading": cfg.data.get("grading", "strict"),
+        "questions": len(records), "samples_per_question": e.n,
         "correct": first_correct, "accuracy": first_correct / max(len(records), 1),
         "no_answer": sum(r["samples"][0]["extracted"] is None for r in records),
         "pass_at_k": {str(k): sum(pass_at_k(e.n, c, k) for c in n_correct) / max(len(records), 1)

@@ -22,7 +22,7 @@ def generate_graded(cfg: DictConfig, model, tok, problems, *, n: int, temperatur
     for problem, prompt, completions in zip(problems, prompts, outs):
         samples = []
         for c in completions:
-            g = grade(c.text, list(problem.answers))
+            g = grade(c.text, list(problem.answers), policy=cfg.data.get("grading", "strict"))
             samples.append({"response": c.text, "response_ids": c.token_ids, "finish_reason": c.finish_reason,
                             "extracted": g.predicted, "correct": g.correct})
         records.append({"key": problem.id, "id": problem.id, "question": problem.question, "answers": list(problem.answers),

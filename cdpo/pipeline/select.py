@@ -2,10 +2,16 @@
 
 Per question, samples are grouped by extracted answer, most frequent first.
 - positives: top_k correct trajectories;
-- negatives: one trajectory per wrong answer, taking the most frequent wrong answers until they
-  cover top_p of the question's wrong samples (samples without an answer rank last), or with
-  negative_rule=top_k the negative_k most frequent wrong answers (the selection-rule ablation);
-- pairs: chosen = a correct trajectory, rejected = a trajectory of the most frequent wrong answer.
+- negatives: one trajectory per wrong answer, most frequent wrong answers first, `negative_rule`:
+  - authors (the authors' code, `select_data_for_sft_and_dpo` in src/pipeline.py): only wrong
+    samples with an extracted answer count and can be taken; the most frequent wrong answer is
+    always taken, further ones only when seen more than once, until they cover top_p of the
+    answered wrong samples;
+  - top_p: any wrong answer, also one seen once, until they cover top_p of all wrong samples
+    (samples without an answer count, and rank last);
+  - top_k: the negative_k most frequent wrong answers (the selection-rule ablation);
+- pairs: chosen = a correct trajectory, rejected = a trajectory of the most frequent wrong answer
+  (under `authors` an answered one: a question whose wrong samples all lack an answer gives none).
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from collections import Counter
 from omegaconf import DictConfig
 
 from cdpo.io import write_jsonl
+from cdpo.pipeline import context
 from cdpo.pipeline.artifacts import RunPaths, load
 
 NO_ANSWER = "<no answer>"
@@ -41,13 +48,30 @@ def _wrong_groups(wrong: list[dict]) -> list[tuple[str, list[dict]]]:
     return [(k, [s for s in wrong if answer_key(s["extracted"]) == k]) for k in keys]
 
 
-NEGATIVE_RULES = ("top_p", "top_k")
+NEGATIVE_RULES = ("authors", "top_p", "top_k")
+
+
+def _take_negatives(groups: list[tuple[str, list[dict]]], rule: str, top_p: float, k: int) -> list[list[dict]]:
+    """The wrong-answer groups that give a negative (see the module doc)."""
+    if rule == "top_k":
+        return [members for _, members in groups[:k]]
+    if rule == "authors":
+        groups = [(key, members) for key, members in groups if key != NO_ANSWER]
+    total, taken, covered = sum(len(m) for _, m in groups), [], 0
+    for _, members in groups:
+        if covered >= top_p * total:
+            break
+        if rule == "authors" and taken and len(members) < 2:
+            continue  # only the first wrong answer may be a singleton
+        taken.append(members)
+        covered += len(members)
+    return taken
 
 
 def select_question(record: dict, *, top_k: int, top_p: float, pairs_per_question: int = 1,
                     negative_rule: str = "top_p", negative_k: int = 1):
-    """negative_rule top_p: the most frequent wrong answers until they cover top_p of the wrong
-    samples (the paper); top_k: the negative_k most frequent wrong answers, however many samples."""
+    """Positives, negatives and pairs of one question's graded samples; `negative_rule` is one of
+    NEGATIVE_RULES (module doc)."""
     if negative_rule not in NEGATIVE_RULES:
         raise ValueError(f"select.negative_rule={negative_rule!r}: choose one of {', '.join(NEGATIVE_RULES)}")
     correct = [s for s in record["samples"] if s["correct"]]
@@ -60,15 +84,10 @@ def select_question(record: dict, *, top_k: int, top_p: float, pairs_per_questio
                 "extracted": sample["extracted"]}
 
     positives = [seq(s, "positive") for s in correct[:top_k]]
-    negatives, covered = [], 0
     groups = _wrong_groups(wrong)
-    for _, members in groups:
-        if negative_rule == "top_p" and covered >= top_p * len(wrong):
-            break
-        if negative_rule == "top_k" and len(negatives) >= negative_k:
-            break
-        negatives.append(seq(members[0], "negative"))
-        covered += len(members)
+    negatives = [seq(members[0], "negative") for members in _take_negatives(groups, negative_rule, top_p, negative_k)]
+    if negative_rule == "authors":  # an unanswered sample is never the rejected response
+        groups = [(key, members) for key, members in groups if key != NO_ANSWER]
     pairs = []
     if correct and groups:
         rejected = groups[0][1]
@@ -79,8 +98,22 @@ def select_question(record: dict, *, top_k: int, top_p: float, pairs_per_questio
     return positives, negatives, pairs
 
 
+def with_training_prompts(cfg: DictConfig, records: list[dict]) -> list[dict]:
+    """Records whose prompt is the training one (data.train_n_shot): every later stage (CE models,
+    scoring, the policy) reads `prompt_ids` from what select writes. The sampled responses follow
+    the sampling prompt's last token, which both prompts share (e.g. "Answer:")."""
+    if not context.separate_training_prompt(cfg):
+        return records
+    tok = context.tokenizer(cfg)
+    out = []
+    for r in records:
+        prompt = context.prompt_of(cfg, tok, r["question"], for_training=True)
+        out.append({**r, "prompt": prompt, "prompt_ids": context.prompt_ids(cfg, tok, prompt)})
+    return out
+
+
 def run(cfg: DictConfig, paths: RunPaths) -> dict:
-    records = load(paths.trajectories)
+    records = with_training_prompts(cfg, load(paths.trajectories))
     positives, negatives, pairs = [], [], []
     for record in records:
         p, n, q = select_question(record, top_k=cfg.select.top_k, top_p=cfg.select.top_p,
