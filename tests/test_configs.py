@@ -182,3 +182,11 @@ def test_paper_presets_use_the_authors_cdpo_loss_form_and_the_default_the_papers
     assert from_config(_compose(["+experiment=llama3_8b_gsm8k", "method=dpo"]).method).name == "dpo"  # no stray key
     assert from_config(_compose().method).loss_form == "sequence"
     assert from_config(_compose(["+experiment=llama3_8b_gsm8k", "method.loss_form=sequence"]).method).loss_form == "sequence"
+
+
+def test_paper_presets_train_like_the_authors_code():
+    cfg = _compose(["+experiment=deepseek_math_7b_math500", "method=cdpo"])
+    assert (cfg.ce.warmup_steps, cfg.ce.schedule, cfg.align.schedule) == (100, "cosine", "linear")
+    assert (cfg.align.overlong, cfg.align.drop_prompt_length, cfg.align.drop_length) == ("drop", 512, 1024)
+    default = _compose()
+    assert (default.ce.warmup_steps, default.align.schedule, default.align.overlong) == (None, "cosine", "truncate")
