@@ -13,13 +13,14 @@ from collections import Counter
 
 from omegaconf import DictConfig
 
+from cdpo.errors import UserError
 from cdpo.io import write_jsonl
 from cdpo.pipeline.artifacts import RunPaths, load
 
 NO_ANSWER = "<no answer>"
 
 
-class EmptySelectionError(RuntimeError):
+class EmptySelectionError(UserError, RuntimeError):
     pass
 
 

@@ -1,0 +1,52 @@
+"""The one wrapper every entry point (train, score, eval, report, rollout) runs its work in.
+
+- a user error (`cdpo.errors.UserError`, or a missing file) is one line on stderr and exit code 2;
+  under a Hydra multirun it is re-raised instead, so Hydra records the failed job and runs the others;
+- a signal that stops the run (SIGTERM from `timeout` or SLURM preemption, SIGINT, SIGHUP) exits with
+  128 + its number in every stage, never 0: what was finished is kept and a rerun resumes from it.
+Imports nothing heavy: the work function imports what it needs.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Callable
+
+from cdpo.errors import Stopped, UserError
+
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
+def _multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:  # not under Hydra
+        return False
+
+
+def run_entry(name: str, work: Callable[[], object], *, also: tuple[type[BaseException], ...] = ()):
+    """Run `work()` as entry point `name` (e.g. "train.py"); `also`: extra exception types that count
+    as user errors there (report.py: ValueError from its arguments)."""
+    previous = {s: signal.signal(s, _raise_stopped) for s in SIGNALS}
+    try:
+        return work()
+    except Stopped as stop:
+        name_of = signal.Signals(stop.signum).name
+        print(f"{name}: stopped by {name_of}; finished stages and shards are kept: rerun the same command to "
+              "resume", file=sys.stderr)
+        sys.exit(128 + stop.signum)
+    except (UserError, FileNotFoundError, *also) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        if _multirun():
+            raise  # Hydra records the failed job, runs the others and raises at the end of the sweep
+        sys.exit(2)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
