@@ -21,6 +21,10 @@ class StaleInputError(UserError):
     """A stage's input was made with other settings than this run's: running it would mix the two."""
 
 
+class SettingsConflictError(UserError):
+    """A method_dir that holds a result of other method settings: a second result would overwrite it."""
+
+
 class LockError(UserError):
     """The run directory is in use by another job (and lock_timeout_s ran out)."""
 
