@@ -8,6 +8,7 @@ Imports nothing heavy: the work function imports what it needs.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Callable
@@ -19,6 +20,13 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 def _raise_stopped(signum, frame):
     raise Stopped(signum)
+
+
+def _exit_now(signum, frame):
+    # the work is over (its files are complete): a late signal still ends the process as stopped
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
 
 
 def _multirun() -> bool:
@@ -34,7 +42,8 @@ def _multirun() -> bool:
 def run_entry(name: str, work: Callable[[], object], *, also: tuple[type[BaseException], ...] = ()):
     """Run `work()` as entry point `name` (e.g. "train.py"); `also`: extra exception types that count
     as user errors there (report.py: ValueError from its arguments)."""
-    previous = {s: signal.signal(s, _raise_stopped) for s in SIGNALS}
+    for s in SIGNALS:
+        signal.signal(s, _raise_stopped)
     try:
         return work()
     except Stopped as stop:
@@ -48,5 +57,5 @@ def run_entry(name: str, work: Callable[[], object], *, also: tuple[type[BaseExc
             raise  # Hydra records the failed job, runs the others and raises at the end of the sweep
         sys.exit(2)
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s in SIGNALS:  # until the process ends or the next job of a multirun installs _raise_stopped again
+            signal.signal(s, _exit_now)
