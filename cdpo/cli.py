@@ -13,13 +13,8 @@ import signal
 import sys
 from typing import Callable
 
+from cdpo import signals
 from cdpo.errors import Stopped, UserError
-
-SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-def _raise_stopped(signum, frame):
-    raise Stopped(signum)
 
 
 def _exit_now(signum, frame):
@@ -42,10 +37,11 @@ def _multirun() -> bool:
 def run_entry(name: str, work: Callable[[], object], *, also: tuple[type[BaseException], ...] = ()):
     """Run `work()` as entry point `name` (e.g. "train.py"); `also`: extra exception types that count
     as user errors there (report.py: ValueError from its arguments)."""
-    for s in SIGNALS:
-        signal.signal(s, _raise_stopped)
+    signals.install()
     try:
-        return work()
+        result = work()
+        signals.check()  # a stop whose exception was swallowed (raised in a finaliser) still stops
+        return result
     except Stopped as stop:
         name_of = signal.Signals(stop.signum).name
         print(f"{name}: stopped by {name_of}; finished stages and shards are kept: rerun the same command to "
@@ -57,5 +53,5 @@ def run_entry(name: str, work: Callable[[], object], *, also: tuple[type[BaseExc
             raise  # Hydra records the failed job, runs the others and raises at the end of the sweep
         sys.exit(2)
     finally:
-        for s in SIGNALS:  # until the process ends or the next job of a multirun installs _raise_stopped again
+        for s in signals.SIGNALS:  # until the process ends, or a multirun's next job installs its own
             signal.signal(s, _exit_now)

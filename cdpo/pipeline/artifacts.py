@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from cdpo import signals
 from cdpo.errors import CorruptArtifactError, SettingsConflictError, StaleInputError
 from cdpo.io import DataError, _atomic_write_text, iter_jsonl, read_jsonl, write_json, write_jsonl
 from cdpo.pipeline import identity as ident
@@ -362,6 +363,7 @@ def run_sharded(items: Sequence, shard_size: int, shard_dir: Path, work: Callabl
     write_json(shard_dir / "signature.json", signature)
     records: list[dict] = []
     for path, shard in _shards(items, shard_size, shard_dir):
+        signals.check()  # a stop swallowed inside the last shard's work: stop before the next one
         done = _finished_shard(path, shard, key)
         if done is not None:
             records.extend(done)

@@ -7,7 +7,7 @@ import time
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from cdpo import distributed
+from cdpo import distributed, signals
 from cdpo.pipeline import artifacts, evaluate, sample, score, select, training
 from cdpo.pipeline.artifacts import RunPaths
 from cdpo.pipeline.lock import run_lock
@@ -75,6 +75,7 @@ def _run_stages(cfg: DictConfig, paths: RunPaths, stages: list[str]) -> dict:
     source = RunPaths(OmegaConf.create({"run_dir": reuse_from, "method_dir": reuse_from})) if reuse_from else None
     timings, summaries = {}, {}
     for stage in stages:
+        signals.check()  # a signal whose exception was swallowed stops at the next stage at the latest
         artifacts.check_inputs(cfg, paths, stage)
         identity = artifacts.stage_identity(cfg, paths, stage)
         if stage != "eval" and artifacts.finished(paths, stage, identity, cfg):
