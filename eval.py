@@ -53,6 +53,9 @@ def grade_predictions(cfg: DictConfig) -> dict:
 
 
 def evaluate_model(cfg: DictConfig) -> dict:
+    from cdpo.validation import validate
+
+    validate(cfg, training=False)  # before torch and the model are loaded
     from cdpo.pipeline import context
     from cdpo.pipeline.evaluate import evaluate_model as run_eval
 

@@ -17,6 +17,9 @@ def main(cfg: DictConfig) -> None:
     from cdpo.cli import run_entry
 
     def work():
+        from cdpo.validation import validate
+
+        validate(cfg, training=False)  # before torch and the model are loaded
         from cdpo.analysis.run import run
 
         run(cfg)

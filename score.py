@@ -20,6 +20,9 @@ def main(cfg: DictConfig) -> None:
 
 
 def score(cfg: DictConfig) -> None:
+    from cdpo.validation import validate
+
+    validate(cfg, training=False)  # before torch and the models are loaded
     from cdpo.io import DataError, iter_jsonl, write_jsonl
     from cdpo.pipeline import context
     from cdpo.pipeline.score import score_pairs, scorer_for

@@ -100,12 +100,12 @@ def _model(c: _Checker) -> None:
         return c.bad("model.path", "tiny:llama, embedded:<name>, a model directory or a hub id org/name")
     if not (path.startswith(("tiny:", "embedded:")) or Path(path).is_dir() or _HUB_ID.match(path)):
         c.bad("model.path", "tiny:llama, embedded:<name>, an existing model directory or a hub id org/name "
-                            f"({path} is none of these: no such directory)")
+                            f"({path} does not exist)")
     c.choice("model.dtype", DTYPES)
     c.boolean("model.gradient_checkpointing")
 
 
-def _data(c: _Checker) -> None:
+def _data(c: _Checker, training: bool) -> None:
     d = "data"
     for key in (f"{d}.source", f"{d}.train_source"):
         source = c.get(key, None)
@@ -117,7 +117,7 @@ def _data(c: _Checker) -> None:
             c.bad(key, f"jsonl:<path> of an existing file ({source[len('jsonl:'):]}: no such file)")
     source = c.get(f"{d}.source", None)
     # training questions are read only when sampling (the baseline and stage=eval need none)
-    samples = c.get("stage", "all") in ("all", "sample") and c.get("method.loss", None) != "none"
+    samples = training and c.get("stage", "all") in ("all", "sample") and c.get("method.loss", None) != "none"
     for split_key in (f"{d}.train_split", f"{d}.test_split"):
         split = c.get(split_key)
         train = split_key.endswith("train_split")
@@ -161,8 +161,9 @@ def method_problems(cfg: dict) -> list[str]:
     return []
 
 
-def problems(cfg: DictConfig | dict) -> list[str]:
-    """Every setting outside its allowed range, as "key=value: allowed" lines (empty: all good)."""
+def problems(cfg: DictConfig | dict, *, training: bool = True) -> list[str]:
+    """Every setting outside its allowed range, as "key=value: allowed" lines (empty: all good).
+    training=False (eval.py, score.py, rollout.py): the training questions are not read."""
     c = _Checker(OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg)
     c.choice("stage", STAGES)
     c.number("seed", low=0, integer=True)
@@ -172,7 +173,7 @@ def problems(cfg: DictConfig | dict) -> list[str]:
         c.bad("compare", "a list of base, sft")
     c.number("lock_timeout_s", low=0, optional=True)
     _model(c)
-    _data(c)
+    _data(c, training)
     _trainer(c)
     c.choice("generation.backend", ("hf", "vllm"))
     c.number("generation.batch_size", low=1, integer=True)
@@ -226,8 +227,8 @@ def problems(cfg: DictConfig | dict) -> list[str]:
     return c.out + method_problems(c.cfg)
 
 
-def validate(cfg: DictConfig | dict) -> None:
+def validate(cfg: DictConfig | dict, *, training: bool = True) -> None:
     """Raise ConfigError naming every bad setting (its dotted key and allowed range) before any work."""
-    found = problems(cfg)
+    found = problems(cfg, training=training)
     if found:
         raise ConfigError("bad setting" + ("s" if len(found) > 1 else "") + ": " + "; ".join(found))

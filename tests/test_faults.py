@@ -246,7 +246,8 @@ def test_changed_inputs_and_settings_change_every_downstream_result(tmp_path, re
     assert set(out["seconds"]) == {"score", "align", "eval"}
     after = files(run)
     assert after["scored_pairs.jsonl"] != before["scored_pairs.jsonl"]
-    assert after["cdpo-seed0/adapter/adapter_model.safetensors"] != before["cdpo-seed0/adapter/adapter_model.safetensors"]
+    policy = "cdpo-seed0/adapter/adapter_model.safetensors"
+    assert after[policy] != before[policy]
 
     # a setting upstream (ce.b): scores and policy recomputed in the same run_dir
     run = _copy(ref["done"], tmp_path / "b")

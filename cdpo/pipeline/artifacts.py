@@ -385,6 +385,6 @@ if __name__ == "__main__":  # python -m cdpo.pipeline.artifacts accept <run_dir>
     if len(sys.argv) not in (4, 5) or sys.argv[1] != "accept":
         sys.exit("usage: python -m cdpo.pipeline.artifacts accept <run_dir> <stage> [<method_dir>]")
     run_dir, stage_name = sys.argv[2], sys.argv[3]
-    accept(RunPaths(OmegaConf.create({"run_dir": run_dir, "method_dir": sys.argv[4] if len(sys.argv) == 5 else run_dir})),
-           stage_name)
+    method_dir = sys.argv[4] if len(sys.argv) == 5 else run_dir
+    accept(RunPaths(OmegaConf.create({"run_dir": run_dir, "method_dir": method_dir})), stage_name)
     print(f"{stage_name}: marker updated to the artifacts as they are now; later stages will be redone")
