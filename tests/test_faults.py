@@ -139,7 +139,7 @@ def test_damaged_artifacts_are_recomputed_or_refused_with_a_remedy(tmp_path, ref
     err = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(err) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert str(paths.trajectories) in err[0] and "truncated or edited" in err[0]
-    assert f"Delete {paths.marker('sample')}" in err[0] and "accept" in err[0]
+    assert f"Delete {paths.marker('sample')}" in err[0] and f"python -m cdpo.pipeline.accept {run} sample" in err[0]
     paths.trajectories.write_text("".join(lines))  # restored
 
     # scored pairs cut at a line boundary: align refuses them

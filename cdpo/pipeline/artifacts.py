@@ -9,7 +9,7 @@ Sharded stages (sample, score) write one atomic file per shard, so an interrupte
 most the shard it was in and never duplicates or loses records; shards are tied to the stage's
 identity, so shards of other inputs are never reused.
 
-`python -m cdpo.pipeline.artifacts accept <run_dir> <stage>` records an artifact edited on purpose
+`python -m cdpo.pipeline.accept <run_dir> <stage>` records an artifact edited on purpose
 as the stage's result (later stages then see a new input and are redone).
 """
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -239,7 +238,7 @@ def check_artifact(paths: RunPaths, stage: str, path: Path, marker: dict | None 
     if problem:
         raise CorruptArtifactError(
             f"{path}: {problem}. Delete {paths.marker(stage)} to redo stage {stage} (and what uses it), or keep the "
-            f"file as it is with: python -m cdpo.pipeline.artifacts accept {paths.run} {stage}"
+            f"file as it is with: python -m cdpo.pipeline.accept {paths.run} {stage}"
             + (f" {paths.method}" if stage in ("align", "eval") else ""))
     return None
 
@@ -380,11 +379,3 @@ def run_sharded(items: Sequence, shard_size: int, shard_dir: Path, work: Callabl
 def load(path: Path) -> list[dict]:
     return [r for _, r in iter_jsonl(path)]
 
-
-if __name__ == "__main__":  # python -m cdpo.pipeline.artifacts accept <run_dir> <stage> [<method_dir>]
-    if len(sys.argv) not in (4, 5) or sys.argv[1] != "accept":
-        sys.exit("usage: python -m cdpo.pipeline.artifacts accept <run_dir> <stage> [<method_dir>]")
-    run_dir, stage_name = sys.argv[2], sys.argv[3]
-    method_dir = sys.argv[4] if len(sys.argv) == 5 else run_dir
-    accept(RunPaths(OmegaConf.create({"run_dir": run_dir, "method_dir": method_dir})), stage_name)
-    print(f"{stage_name}: marker updated to the artifacts as they are now; later stages will be redone")
