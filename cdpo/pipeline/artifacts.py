@@ -187,10 +187,6 @@ def stage_identity(cfg: DictConfig, paths: RunPaths, stage: str, *, questions: s
     return {"hash": ident.text_digest([stage, settings, inputs])[:16], "inputs": inputs}
 
 
-def is_done(paths: RunPaths, stage: str) -> bool:
-    return paths.marker(stage).exists()
-
-
 def finished(paths: RunPaths, stage: str, identity: dict, cfg: DictConfig) -> bool:
     """Whether `stage` is finished with this identity and its artifacts are intact. A missing artifact
     means redo; one that no longer matches its marker (truncated, edited) is refused, not overwritten."""
@@ -260,7 +256,7 @@ def check_inputs(cfg: DictConfig, paths: RunPaths, stage: str) -> None:
             raise StaleInputError(f"{path}: missing: run stage={up} first, or stage=all")
 
 
-def reuse_stage(source: RunPaths, paths: RunPaths, stage: str, cfg: DictConfig, identity: dict) -> bool:
+def reuse_stage(source: RunPaths, paths: RunPaths, stage: str, identity: dict) -> bool:
     """Carry a finished shared stage over from another run_dir when it has this run's identity (the same
     settings and input contents) and its artifacts are intact. Files are hard-linked (every artifact is
     replaced by rename, never rewritten in place, so the two run_dirs cannot alter each other's copy),

@@ -82,7 +82,7 @@ def _run_stages(cfg: DictConfig, paths: RunPaths, stages: list[str]) -> dict:
             print(f"[{stage}] done already ({paths.marker(stage)}): skipped")
             summaries[stage] = artifacts.read_marker(paths, stage)
             continue
-        if source is not None and artifacts.reuse_stage(source, paths, stage, cfg, identity):
+        if source is not None and artifacts.reuse_stage(source, paths, stage, identity):
             print(f"[{stage}] reused from {source.run} (same settings and inputs)")
             summaries[stage] = artifacts.read_marker(paths, stage)
             continue
