@@ -325,3 +325,32 @@ def test_resumed_fit_continues_its_metrics_history(tmp_path, ref, monkeypatch):
     run_pipeline(cfg)
     steps = [r["step"] for r in read_jsonl(paths.history) if "loss" in r]
     assert steps == list(range(len(steps))) and len(steps) == 4  # 4 pairs, batch 1: every step, once
+
+
+def test_adapter_identity_ignores_peft_set_order(tmp_path):
+    """PEFT writes target_modules in set order (it changes with the hash seed): one identity for both."""
+    from cdpo.pipeline.identity import describe
+
+    for name, modules in (("a", ["q_proj", "down_proj"]), ("b", ["down_proj", "q_proj"])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "adapter_config.json").write_text(json.dumps({"r": 4, "target_modules": modules}))
+        (tmp_path / name / "adapter_model.safetensors").write_bytes(b"weights")
+    assert describe(tmp_path / "a")["sha256"] == describe(tmp_path / "b")["sha256"]
+    (tmp_path / "b" / "adapter_model.safetensors").write_bytes(b"other weights")
+    assert describe(tmp_path / "a")["sha256"] != describe(tmp_path / "b")["sha256"]
+
+
+def test_model_identity_follows_a_local_model(tmp_path):
+    from omegaconf import OmegaConf as OC
+
+    from cdpo.pipeline.identity import model_identity
+
+    (tmp_path / "config.json").write_text('{"hidden_size": 8}')
+    (tmp_path / "model.safetensors").write_bytes(b"w" * 10)
+    cfg = OC.create({"path": str(tmp_path), "dtype": "float32"})
+    first = model_identity(cfg)
+    (tmp_path / "model.safetensors").write_bytes(b"w" * 11)  # other weights
+    second = model_identity(cfg)
+    (tmp_path / "config.json").write_text('{"hidden_size": 16}')
+    assert len({first, second, model_identity(cfg)}) == 3
+    assert model_identity(OC.create({"path": "tiny:llama", "dtype": "float32"})) != first

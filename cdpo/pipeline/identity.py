@@ -33,7 +33,8 @@ def describe(path: Path) -> dict:
         for f in files:
             d = describe(f)
             size += d["size"]
-            h.update(f"{f.relative_to(path).as_posix()}\0{d['sha256']}\n".encode())
+            digest = _adapter_config_digest(f) if f.name == "adapter_config.json" else d["sha256"]
+            h.update(f"{f.relative_to(path).as_posix()}\0{digest}\n".encode())
         return {"size": size, "files": len(files), "sha256": h.hexdigest()}
     h, lines = hashlib.sha256(), 0
     with path.open("rb") as f:
@@ -44,6 +45,18 @@ def describe(path: Path) -> dict:
     if path.suffix == ".jsonl":
         out["records"] = lines
     return out
+
+
+def _adapter_config_digest(path: Path) -> str:
+    """PEFT writes target_modules from a set, in an order that changes with the process's hash seed:
+    hashed sorted, so that one adapter retrained elsewhere has the same identity."""
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return describe(path)["sha256"]
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    return text_digest(config)
 
 
 _verified: dict[tuple, None] = {}  # (path, size, mtime, sha) already checked in this process
