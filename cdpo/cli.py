@@ -24,6 +24,12 @@ def _exit_now(signum, frame):
     os._exit(128 + signum)
 
 
+def _stopped(name: str, signum: int):
+    print(f"{name}: stopped by {signal.Signals(signum).name}; finished stages and shards are kept: rerun the same "
+          "command to resume", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
 def _multirun() -> bool:
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -43,15 +49,16 @@ def run_entry(name: str, work: Callable[[], object], *, also: tuple[type[BaseExc
         signals.check()  # a stop whose exception was swallowed (raised in a finaliser) still stops
         return result
     except Stopped as stop:
-        name_of = signal.Signals(stop.signum).name
-        print(f"{name}: stopped by {name_of}; finished stages and shards are kept: rerun the same command to "
-              "resume", file=sys.stderr)
-        sys.exit(128 + stop.signum)
+        _stopped(name, stop.signum)
     except (UserError, FileNotFoundError, *also) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         if _multirun():
             raise  # Hydra records the failed job, runs the others and raises at the end of the sweep
         sys.exit(2)
+    except BaseException:
+        if signals.received:  # e.g. Lightning's SIGTERMException, a SystemExit(None) = exit 0, after our
+            _stopped(name, signals.received[0])  # Stopped was swallowed by a finaliser
+        raise
     finally:
         for s in signals.SIGNALS:  # until the process ends, or a multirun's next job installs its own
             signal.signal(s, _exit_now)

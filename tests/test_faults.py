@@ -354,3 +354,29 @@ def test_model_identity_follows_a_local_model(tmp_path):
     (tmp_path / "config.json").write_text('{"hidden_size": 16}')
     assert len({first, second, model_identity(cfg)}) == 3
     assert model_identity(OC.create({"path": "tiny:llama", "dtype": "float32"})) != first
+
+
+def test_a_stop_swallowed_by_a_finaliser_still_exits_128_plus_signal():
+    """Python ignores an exception raised in __del__ (the signal handler's Stopped), and Lightning then
+    ends the fit with SIGTERMException, a SystemExit(None) that exits 0: the wrapper still stops with 143."""
+    from cdpo import cli, signals
+
+    saved = {s: signal.getsignal(s) for s in signals.SIGNALS}
+
+    def lightning_after_a_swallowed_stop():
+        signals.received.append(signal.SIGTERM)
+        raise SystemExit(None)
+
+    def finished_after_a_swallowed_stop():
+        signals.received.append(signal.SIGINT)
+        return "done"
+
+    try:
+        for work, code in ((lightning_after_a_swallowed_stop, 143), (finished_after_a_swallowed_stop, 130)):
+            with pytest.raises(SystemExit) as stop:
+                cli.run_entry("train.py", work)
+            assert stop.value.code == code
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+        signals.received.clear()
