@@ -54,6 +54,9 @@ def grade_predictions(cfg: DictConfig) -> dict:
 
 
 def evaluate_model(cfg: DictConfig) -> dict:
+    from cdpo.validation import validate
+
+    validate(cfg, training=False)  # before torch and the model are loaded
     from cdpo.pipeline import context
     from cdpo.pipeline.evaluate import evaluate_model as run_eval
 
@@ -70,21 +73,10 @@ def evaluate_model(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from cdpo.io import DataError
+    from cdpo.cli import run_entry
 
-    try:
-        if cfg.get("predictions"):
-            grade_predictions(cfg)
-        else:
-            from cdpo.errors import USER_ERRORS
-
-            try:
-                evaluate_model(cfg)
-            except USER_ERRORS as e:
-                raise SystemExit(f"eval.py: error: {e}") from None
-    except (FileNotFoundError, DataError) as e:
-        # Bad input is the user's to fix: one clear line (file and line), not a traceback.
-        raise SystemExit(f"eval.py: error: {e}") from None
+    # bad input is the user's to fix: one clear line (file and line), not a traceback
+    run_entry("eval.py", lambda: grade_predictions(cfg) if cfg.get("predictions") else evaluate_model(cfg))
 
 
 if __name__ == "__main__":

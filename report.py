@@ -6,8 +6,6 @@ cDPO, Markdown + CSV, and the chosen / rejected log-prob curves (the paper's Fig
 
 Results come from every `<method_dir>/eval.json` under `runs`, and from wandb when it is online.
 """
-import sys
-
 import hydra
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
@@ -15,17 +13,18 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="report")
 def main(cfg: DictConfig) -> None:
-    from cdpo.errors import USER_ERRORS
+    from cdpo.cli import run_entry
+
+    run_entry("report.py", lambda: report(cfg), also=(ValueError,))  # ValueError: bad rows/reference/test
+
+
+def report(cfg: DictConfig) -> None:
     from cdpo.report import build_report
 
     runs = [cfg.runs] if isinstance(cfg.runs, str) else list(cfg.runs)
-    try:
-        report = build_report([to_absolute_path(r) for r in runs], to_absolute_path(cfg.out), rows=cfg.rows,
-                              reference=str(cfg.reference), test=cfg.test, alpha=cfg.alpha,
-                              resamples=cfg.resamples, wandb=cfg.wandb, wandb_path=cfg.wandb_path)
-    except (*USER_ERRORS, ValueError) as e:
-        print(f"report.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    report = build_report([to_absolute_path(r) for r in runs], to_absolute_path(cfg.out), rows=cfg.rows,
+                          reference=str(cfg.reference), test=cfg.test, alpha=cfg.alpha,
+                          resamples=cfg.resamples, wandb=cfg.wandb, wandb_path=cfg.wandb_path)
     print(report["markdown"])
     print("wrote " + ", ".join(str(f) for f in report["files"]))
 

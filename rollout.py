@@ -8,23 +8,23 @@ with vs without the critical token, how often the lowest-p_ce token is the criti
 HTML token viewer. Writes everything under rollout.output_dir (default <run_dir>/analysis).
 Sharded and resumable: rerunning continues after the last finished shard.
 """
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="rollout")
 def main(cfg: DictConfig) -> None:
-    from cdpo.analysis.rollout import RolloutConfigError
-    from cdpo.analysis.run import run
-    from cdpo.errors import USER_ERRORS
+    from cdpo.cli import run_entry
 
-    try:
+    def work():
+        from cdpo.validation import validate
+
+        validate(cfg, training=False)  # before torch and the model are loaded
+        from cdpo.analysis.run import run
+
         run(cfg)
-    except (*USER_ERRORS, RolloutConfigError) as e:
-        print(f"rollout.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+
+    run_entry("rollout.py", work)  # RolloutConfigError is a UserError
 
 
 if __name__ == "__main__":

@@ -3,26 +3,22 @@
 Stages: sample -> select -> sft_pos / sft_neg -> score -> align -> eval; `stage=<name>` runs one.
 Sweeps: `python train.py -m method=dpo,cdpo seed=0,1,2` or a preset, `python train.py -m +sweep=embedded`.
 """
-import sys
-
 import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from cdpo.errors import USER_ERRORS
-    from cdpo.pipeline import run_pipeline
+    from cdpo.cli import run_entry
+    from cdpo.validation import validate
 
-    try:
+    def work():
+        validate(cfg)  # every setting checked in a second, before torch and the model are loaded
+        from cdpo.pipeline import run_pipeline
+
         run_pipeline(cfg)
-    except USER_ERRORS as e:  # bad input or an empty selection: the message says what to do
-        print(f"train.py: error: {e}", file=sys.stderr)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # Hydra records the failed job, runs the others and raises at the end of the sweep
-        sys.exit(2)
+
+    run_entry("train.py", work)
 
 
 if __name__ == "__main__":

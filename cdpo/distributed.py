@@ -23,11 +23,13 @@ import os
 
 import torch
 
+from cdpo.errors import UserError
+
 STRATEGIES = ("ddp", "fsdp", "deepspeed")
 TRAINING_STAGES = ("sft_pos", "sft_neg", "align")
 
 
-class ScalingError(ValueError):
+class ScalingError(UserError, ValueError):
     """A trainer / strategy setting that cannot work (unknown strategy, missing package, bad combination)."""
 
 

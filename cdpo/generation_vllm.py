@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from cdpo.errors import UserError
 from cdpo.generation import Completion, GenerationStats, _eos_ids, _finish
 from cdpo.models import resolve_source
 from cdpo.models.loading import BF16_IF_NATIVE
@@ -23,7 +24,7 @@ from cdpo.models.loading import BF16_IF_NATIVE
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's LoRA kernels are built for
 
 
-class VLLMUnavailableError(ImportError):
+class VLLMUnavailableError(UserError, ImportError):
     """generation=vllm where vLLM or a CUDA GPU is missing."""
 
 

@@ -11,8 +11,10 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from cdpo.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """Bad input data; the message names the file and line."""
 
 

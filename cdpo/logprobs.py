@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import torch
 
+from cdpo.errors import UserError
 from cdpo.head import head_ops
 
 
-class UnsupportedHeadError(ValueError):
+class UnsupportedHeadError(UserError, ValueError):
     """The model's logits are not hidden @ lm_head.weight^T (+ bias), and cannot be made so here."""
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from cdpo import losses
+from cdpo.errors import ConfigError
 
 Metrics = dict[str, torch.Tensor]
 
@@ -50,10 +51,6 @@ class PairLogps:
         if self.ref_chosen is None or self.ref_rejected is None:
             raise ValueError("this objective needs reference log-probs (ref_chosen, ref_rejected)")
         return self.policy_chosen, self.policy_rejected, self.ref_chosen, self.ref_rejected
-
-
-class ConfigError(ValueError):
-    """A method setting that is not allowed (named by its dotted key)."""
 
 
 REGISTRY: dict[str, type[Objective]] = {}  # name -> class, in Table 1's row order (definition order)

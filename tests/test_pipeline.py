@@ -8,10 +8,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from cdpo.data import load_problems
+from cdpo.errors import StaleInputError
 from cdpo.io import read_jsonl, write_jsonl
 from cdpo.models import load_tokenizer
 from cdpo.pipeline import run_pipeline
-from cdpo.pipeline.artifacts import RunPaths, run_sharded
+from cdpo.pipeline.artifacts import RunPaths, accept, run_sharded
 from cdpo.pipeline.select import EmptySelectionError, select_question
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +42,8 @@ def _inject_correct_samples(paths: RunPaths, tok):
             r["samples"].append({"response": wrong, "response_ids": tok(wrong, add_special_tokens=False)["input_ids"],
                                  "finish_reason": "stop", "extracted": "12345", "correct": False})
     write_jsonl(paths.trajectories, records)
+    if paths.marker("sample").exists():  # edited on purpose: the sample stage's result from now on
+        accept(paths, "sample")
 
 
 def test_every_stage_on_a_tiny_model(tmp_path, capsys):
@@ -106,10 +109,9 @@ def test_every_stage_on_a_tiny_model(tmp_path, capsys):
     again = run_pipeline(cfg)
     assert again["seconds"].keys() == {"eval"}
     assert "WARNING" not in capsys.readouterr().out
-    # ... and says so when a finished stage was made with other settings
-    run_pipeline(_cfg(tmp_path, "stage=score", "select.top_p=0.9"))
-    out = capsys.readouterr().out
-    assert "[score] WARNING" in out and "select.top_p: 0.5 -> 0.9" in out
+    # ... and refuses to run a stage on an input made with other settings (it would mix the two)
+    with pytest.raises(StaleInputError, match=r"select.top_p: 0.5 -> 0.9\).*run stage=select first"):
+        run_pipeline(_cfg(tmp_path, "stage=score", "select.top_p=0.9"))
 
 
 def test_other_methods_reuse_shared_artifacts(tmp_path):

@@ -32,13 +32,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cdpo.errors import UserError
 from cdpo.data.collate import collate_sequences
 from cdpo.generation import Completion, GenerationStats, _cut_at_stop, _eos_ids, generate_ids
 from cdpo.grading import grade
 from cdpo.logprobs import backbone_and_head, hidden_states, response_logps
 
 
-class RolloutConfigError(ValueError):
+class RolloutConfigError(UserError, ValueError):
     """A rollout setting that cannot work; the message names the key."""
 
 

@@ -18,6 +18,7 @@ from cdpo.generation import GenerationStats, generate_ids
 from cdpo.io import DataError, iter_jsonl, write_json
 from cdpo.pipeline import context
 from cdpo.pipeline.artifacts import pending_items, run_sharded
+from cdpo.pipeline.identity import file_identity
 from cdpo.pipeline.score import pair_key
 
 NEEDED = ("id", "prompt_ids", "rejected_ids", "rejected_p_ce", "answers")
@@ -82,7 +83,7 @@ def run(cfg: DictConfig) -> dict:
 
     c = OmegaConf.to_container(cfg, resolve=True)
     signature = {"model": c["model"], "data": c["data"], "seed": c["seed"], "settings": vars(s),
-                 "input": [str(source.resolve()), source.stat().st_size, source.stat().st_mtime_ns]}
+                 "input": [str(source.resolve()), file_identity(source)]}  # its content, not its mtime
     shard_dir = out_dir / "shards"
     todo = pending_items(items, rc.shard_size, shard_dir, key=lambda i: i["key"], signature=signature)
     conts, tokens = expected_work(todo, s)

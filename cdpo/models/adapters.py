@@ -15,6 +15,8 @@ from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from cdpo.errors import UserError
+
 # The paper's LoRA settings (Sec. 3 / Appendix): CE models and the cDPO policy.
 PAPER_CE_LORA = dict(r=8, alpha=16, dropout=0.1, target_modules=["gate_proj", "up_proj", "down_proj"])
 PAPER_CDPO_LORA = dict(
@@ -28,7 +30,7 @@ _ADAPTER_CONFIG = "adapter_config.json"
 _ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
-class AdapterMismatchError(ValueError):
+class AdapterMismatchError(UserError, ValueError):
     """An adapter directory does not fit the model it is loaded into."""
 
 

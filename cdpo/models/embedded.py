@@ -20,6 +20,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from cdpo.errors import UserError
+
 EMBEDDED_PREFIX = "embedded:"
 DEFAULT_EMBEDDED = "smollm2-135m-instruct"
 DEFAULT_EMBEDDED_ALIAS = EMBEDDED_PREFIX + DEFAULT_EMBEDDED
@@ -50,7 +52,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedSpec] = {
 EMBEDDED_ALIASES: dict[str, str] = {"smollm2_135m": "smollm2-135m-instruct"}
 
 
-class EmbeddedModelMissingError(ImportError):
+class EmbeddedModelMissingError(UserError, ImportError):
     """The package that carries the embedded GGUF is not installed."""
 
 

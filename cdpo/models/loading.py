@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from cdpo.errors import UserError
+
 from .embedded import DEFAULT_EMBEDDED_ALIAS, embedded_model_dir, embedded_name
 
 _DTYPES = {
@@ -23,11 +25,11 @@ _DTYPES = {
 QUANTIZATIONS = ("nf4",)
 
 
-class OfflineHubError(OSError):
+class OfflineHubError(UserError, OSError):
     """A hub id was asked for while the machine is offline and it is not in the local cache."""
 
 
-class QuantizationUnavailableError(RuntimeError):
+class QuantizationUnavailableError(UserError, RuntimeError):
     """4-bit loading was asked for where bitsandbytes or CUDA is missing."""
 
 

@@ -1,9 +1,16 @@
 """Where each stage's artifact lives, how a finished stage is recognised, and resumable shards.
 
 A stage is finished when its marker `<stage>.done.json` exists: it is written last, after the
-artifact itself, and holds the stage's summary. The resolved config is saved beside it.
+artifact itself, and holds the stage's summary, its identity (a hash of its settings and of its
+inputs' contents, see identity.py) and the size, record count and sha256 of each artifact it wrote.
+The resolved config is saved beside it. A finished stage is reused only when its identity matches
+this run's and its artifacts still match the marker.
 Sharded stages (sample, score) write one atomic file per shard, so an interrupted run redoes at
-most the shard it was in and never duplicates or loses records.
+most the shard it was in and never duplicates or loses records; shards are tied to the stage's
+identity, so shards of other inputs are never reused.
+
+`python -m cdpo.pipeline.accept <run_dir> <stage>` records an artifact edited on purpose
+as the stage's result (later stages then see a new input and are redone).
 """
 from __future__ import annotations
 
@@ -15,7 +22,11 @@ from typing import Any, Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from cdpo.io import iter_jsonl, read_jsonl, write_json, write_jsonl
+from cdpo import signals
+from cdpo.errors import CorruptArtifactError, SettingsConflictError, StaleInputError
+from cdpo.io import DataError, _atomic_write_text, iter_jsonl, read_jsonl, write_json, write_jsonl
+from cdpo.objectives import from_config as objective_of
+from cdpo.pipeline import identity as ident
 
 
 class RunPaths:
@@ -54,10 +65,24 @@ class RunPaths:
         """Metrics logged during align, one JSON line per logging step (read by the report)."""
         return self.method / "metrics.jsonl"
 
+    @property
+    def lock(self) -> Path:
+        return self.run / ".lock"
+
     def artifacts(self, stage: str) -> list[Path]:
-        """What a shared stage writes (what `reuse_stage` carries over to another run_dir)."""
+        """What a stage writes (what its marker describes and `reuse_stage` carries over)."""
         return {"sample": [self.trajectories], "select": [self.positives, self.negatives, self.pairs],
-                "sft_pos": [self.pos_adapter], "sft_neg": [self.neg_adapter], "score": [self.scored_pairs]}[stage]
+                "sft_pos": [self.pos_adapter], "sft_neg": [self.neg_adapter], "score": [self.scored_pairs],
+                "align": [self.aligned_adapter], "eval": []}[stage]
+
+    def name(self, path: Path) -> str:
+        """A path as its marker names it: relative to the marker's folder."""
+        for base in (self.method, self.run):
+            try:
+                return Path(path).relative_to(base).as_posix()
+            except ValueError:
+                continue
+        return str(path)
 
 
 # Config sections each stage depends on; a stage also depends on everything its inputs depended on.
@@ -109,42 +134,143 @@ def _signature_of(config: dict, stage: str) -> dict:
     return signature
 
 
-# What each stage's artifact feeds (eval always reruns and checks its cached results itself).
-DOWNSTREAM = {
-    "sample": ("select", "sft_pos", "sft_neg", "score", "align"),
-    "select": ("sft_pos", "sft_neg", "score", "align"),
-    "sft_pos": ("score", "align"),
-    "sft_neg": ("score", "align"),
-    "score": ("align",),
-    "align": (),
-}
+# The settings of the align stage that make a method result (its method_dir holds one).
+METHOD_KEYS = ("method", "peft", "align", "seed", "loss_impl")
 
 
-def invalidate_after(paths: RunPaths, stage: str) -> list[str]:
-    """Remove the markers of the stages that consume `stage`'s artifact, which has just been redone.
-    (The aligned adapters of other methods in the same run_dir keep theirs: the runner warns when
-    their inputs' settings changed.)"""
-    removed = []
-    for later in DOWNSTREAM[stage]:
-        marker = paths.marker(later)
-        if marker.exists():
-            marker.unlink()
-            removed.append(later)
-    return removed
+def input_files(cfg: DictConfig, paths: RunPaths, stage: str) -> list[tuple[str, Path]]:
+    """(upstream stage, file) that `stage` reads. What align reads is what the objective trains on:
+    the scored pairs when it needs CE scores, the positives (SFT), the pairs, or nothing (the baseline)."""
+    objective = objective_of(cfg.method)
+    if stage == "align":
+        if objective.trains_on == "nothing":
+            return []  # the baseline trains nothing (train_align says so)
+        if objective.trains_on == "positives":
+            return [("select", paths.positives)]
+        return [("score", paths.scored_pairs)] if objective.needs_scores else [("select", paths.pairs)]
+    return {"sample": [], "select": [("sample", paths.trajectories)], "sft_pos": [("select", paths.positives)],
+            "sft_neg": [("select", paths.negatives)],
+            "score": [("select", paths.pairs), ("sft_pos", paths.pos_adapter), ("sft_neg", paths.neg_adapter)],
+            "eval": [] if objective.trains_on == "nothing" else [("align", paths.aligned_adapter)]}[stage]
 
 
-def is_done(paths: RunPaths, stage: str) -> bool:
-    return paths.marker(stage).exists()
+def read_marker(paths: RunPaths, stage: str) -> dict | None:
+    marker = paths.marker(stage)
+    if not marker.exists():
+        return None
+    try:
+        return json.loads(marker.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):  # written atomically, so only by hand: redo the stage
+        print(f"[{stage}] {marker}: unreadable marker: the stage is redone")
+        return None
 
 
-def reuse_stage(source: RunPaths, paths: RunPaths, stage: str, cfg: DictConfig) -> bool:
-    """Carry a finished shared stage over from another run_dir when it was made with the settings `cfg`
-    asks for. Files are hard-linked (every artifact is replaced by rename, never rewritten in place,
-    so the two run_dirs cannot alter each other's copy), directories, markers and configs copied."""
+def input_digest(paths: RunPaths, stage: str, path: Path) -> str | None:
+    """An upstream artifact's content hash: as its (verified) marker recorded it, else from the file."""
+    marker = read_marker(paths, stage) or {}
+    recorded = (marker.get("artifacts") or {}).get(paths.name(path))
+    if recorded:
+        return recorded["sha256"]
+    return ident.describe(path)["sha256"] if path.exists() else None
+
+
+def stage_identity(cfg: DictConfig, paths: RunPaths, stage: str, *, questions: str | None = None) -> dict:
+    """What `stage`'s artifact is made of: its settings (and its inputs' settings), its inputs' content
+    hashes, the base model's identity and, for sample, the training questions' digest."""
+    inputs = {paths.name(path): input_digest(paths, up, path) for up, path in input_files(cfg, paths, stage)}
+    if stage == "sample":
+        if questions is None:
+            from cdpo.pipeline import context  # the data loaders (and torch): only for this stage
+
+            questions = ident.questions_digest(context.problems(cfg, cfg.data.train_split, cfg.data.train_limit))
+        inputs["questions"] = questions
+    inputs["model"] = ident.model_identity(cfg.model)
+    settings = stage_signature(cfg, stage) if stage in STAGE_INPUTS else {}
+    return {"hash": ident.text_digest([stage, settings, inputs])[:16], "inputs": inputs}
+
+
+def finished(paths: RunPaths, stage: str, identity: dict, cfg: DictConfig) -> bool:
+    """Whether `stage` is finished with this identity and its artifacts are intact. A missing artifact
+    means redo; one that no longer matches its marker (truncated, edited) is refused, not overwritten."""
+    marker = read_marker(paths, stage)
+    if marker is None:
+        return False
+    if marker.get("identity", {}).get("hash") != identity["hash"]:
+        if stage == "align":
+            conflict = [c for c in changed_settings(paths, stage, cfg) if c.split(".")[0].split(":")[0] in METHOD_KEYS]
+            if conflict:
+                raise SettingsConflictError(
+                    f"{paths.method} holds a {cfg.method.name} result of other settings ({'; '.join(conflict[:4])}): "
+                    "give this run its own method_dir, e.g. method_dir='${run_dir}/${method.name}-seed${seed}-lr"
+                    "${align.lr}', or delete that folder")
+        why = _why_other(paths, stage, cfg, marker, identity)
+        print(f"[{stage}] made from other settings or inputs ({why}): redoing it")
+        return False
+    for path in paths.artifacts(stage):
+        problem = check_artifact(paths, stage, path, marker)
+        if problem == "missing":
+            print(f"[{stage}] {path}: missing: redoing the stage")
+            return False
+    return True
+
+
+def _why_other(paths: RunPaths, stage: str, cfg: DictConfig, marker: dict, identity: dict) -> str:
+    changed = changed_settings(paths, stage, cfg)
+    saved = marker.get("identity", {}).get("inputs", {})
+    changed += [f"{k} changed" for k, v in identity["inputs"].items() if saved.get(k) != v]
+    if not marker.get("identity"):
+        changed.append("made by an earlier version without content hashes")
+    return "; ".join(changed[:5]) + (" ..." if len(changed) > 5 else "") or "settings"
+
+
+def check_artifact(paths: RunPaths, stage: str, path: Path, marker: dict | None = None) -> str | None:
+    """None when `path` matches its marker, "missing" when it is gone; raises CorruptArtifactError,
+    naming the file, what is wrong and what to do, when it is there but differs (truncated, edited)."""
+    marker = marker if marker is not None else read_marker(paths, stage) or {}
+    expected = (marker.get("artifacts") or {}).get(paths.name(path))
+    if not path.exists():
+        return "missing"
+    if expected is None:
+        return None  # a marker of an earlier version: its identity does not match either
+    problem = ident.verify(path, expected)
+    if problem:
+        raise CorruptArtifactError(
+            f"{path}: {problem}. Delete {paths.marker(stage)} to redo stage {stage} (and what uses it), or keep the "
+            f"file as it is with: python -m cdpo.pipeline.accept {paths.run} {stage}"
+            + (f" {paths.method}" if stage in ("align", "eval") else ""))
+    return None
+
+
+def check_inputs(cfg: DictConfig, paths: RunPaths, stage: str) -> None:
+    """Refuse to run `stage` on inputs that are missing, unfinished, made with other settings or damaged:
+    the result would mix them with this run's settings."""
+    for up, path in input_files(cfg, paths, stage):
+        marker = read_marker(paths, up)
+        if marker is None:
+            what = "missing" if not path.exists() else f"not finished (no {paths.marker(up).name})"
+            raise StaleInputError(f"{path}: {what}: run stage={up} first, or stage=all")
+        changed = changed_settings(paths, up, cfg)
+        if changed:
+            raise StaleInputError(
+                f"{path} was made with other settings ({'; '.join(changed[:4])}): running {stage} on it would mix "
+                f"them with this run's; run stage={up} first, or stage=all")
+        if check_artifact(paths, up, path, marker) == "missing":
+            raise StaleInputError(f"{path}: missing: run stage={up} first, or stage=all")
+
+
+def reuse_stage(source: RunPaths, paths: RunPaths, stage: str, identity: dict) -> bool:
+    """Carry a finished shared stage over from another run_dir when it has this run's identity (the same
+    settings and input contents) and its artifacts are intact. Files are hard-linked (every artifact is
+    replaced by rename, never rewritten in place, so the two run_dirs cannot alter each other's copy),
+    directories, markers and configs copied."""
     if stage not in STAGE_INPUTS or stage == "align" or source.run.resolve() == paths.run.resolve():
         return False
-    if not is_done(source, stage) or changed_settings(source, stage, cfg):
+    marker = read_marker(source, stage)
+    if marker is None or marker.get("identity", {}).get("hash") != identity["hash"]:
         return False
+    for src in source.artifacts(stage):
+        if check_artifact(source, stage, src, marker) == "missing":
+            return False
     for src in source.artifacts(stage):
         dst = paths.run / src.relative_to(source.run)
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -164,11 +290,27 @@ def reuse_stage(source: RunPaths, paths: RunPaths, stage: str, cfg: DictConfig) 
     return True
 
 
-def mark_done(paths: RunPaths, stage: str, cfg: DictConfig, summary: dict) -> None:
+def mark_done(paths: RunPaths, stage: str, cfg: DictConfig, summary: dict, identity: dict | None = None) -> dict:
+    """Write the stage's config and then its marker: the summary, the identity and a description (size,
+    records, sha256) of every artifact, which readers verify before using it. Returns the marker."""
     marker = paths.marker(stage)
     marker.parent.mkdir(parents=True, exist_ok=True)
-    (marker.parent / f"{stage}.config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    write_json(marker, summary)
+    config = OmegaConf.to_yaml(cfg, resolve=True)
+    _atomic_write_text(marker.parent / f"{stage}.config.yaml", lambda f: f.write(config))
+    artifacts = {paths.name(p): ident.describe(p) for p in paths.artifacts(stage) if p.exists()}
+    content = {**summary, "identity": identity or {}, "artifacts": artifacts}
+    write_json(marker, content)
+    return content
+
+
+def accept(paths: RunPaths, stage: str) -> None:
+    """Record the stage's artifacts as they are now (edited on purpose) in its marker."""
+    marker = read_marker(paths, stage)
+    if marker is None:
+        raise StaleInputError(f"{paths.marker(stage)}: no marker to update")
+    marker["artifacts"] = {paths.name(p): ident.describe(p) for p in paths.artifacts(stage) if p.exists()}
+    marker["accepted"] = True
+    write_json(paths.marker(stage), marker)
 
 
 def _shards(items: Sequence, shard_size: int, shard_dir: Path):
@@ -179,7 +321,10 @@ def _shards(items: Sequence, shard_size: int, shard_dir: Path):
 def _finished_shard(path: Path, shard: Sequence, key: Callable[[Any], str]) -> list[dict] | None:
     """The records of a shard file that holds exactly these items, else None."""
     if path.exists():
-        done = read_jsonl(path)
+        try:
+            done = read_jsonl(path)
+        except DataError:  # a damaged shard (written atomically, so by hand): redone
+            return None
         if [r.get("key") for r in done] == [key(item) for item in shard]:
             return done
     return None
@@ -187,7 +332,10 @@ def _finished_shard(path: Path, shard: Sequence, key: Callable[[Any], str]) -> l
 
 def _signature_matches(shard_dir: Path, signature: dict) -> bool:
     sig_path = shard_dir / "signature.json"
-    return sig_path.exists() and json.loads(sig_path.read_text()) == signature
+    try:
+        return sig_path.exists() and json.loads(sig_path.read_text()) == signature
+    except json.JSONDecodeError:
+        return False
 
 
 def pending_items(items: Sequence, shard_size: int, shard_dir: Path, *, key: Callable[[Any], str],
@@ -204,7 +352,7 @@ def run_sharded(items: Sequence, shard_size: int, shard_dir: Path, work: Callabl
                 on_skip: Callable[[int], None] | None = None) -> list[dict]:
     """Apply `work` to consecutive shards of `items`, each written to its own file, and write the
     concatenation to `out_path`. A shard file left by an interrupted run is reused only when it was
-    made with the same `signature` (the settings the stage depends on) and holds the same items
+    made with the same `signature` (the stage's identity: settings and input contents) and holds the same items
     (by `key`, which must equal each output record's "key" field); otherwise the shards are redone."""
     if shard_dir.exists() and not _signature_matches(shard_dir, signature):
         shutil.rmtree(shard_dir)  # made with other settings: stale
@@ -212,6 +360,7 @@ def run_sharded(items: Sequence, shard_size: int, shard_dir: Path, work: Callabl
     write_json(shard_dir / "signature.json", signature)
     records: list[dict] = []
     for path, shard in _shards(items, shard_size, shard_dir):
+        signals.check()  # a stop swallowed inside the last shard's work: stop before the next one
         done = _finished_shard(path, shard, key)
         if done is not None:
             records.extend(done)
@@ -227,3 +376,4 @@ def run_sharded(items: Sequence, shard_size: int, shard_dir: Path, work: Callabl
 
 def load(path: Path) -> list[dict]:
     return [r for _, r in iter_jsonl(path)]
+

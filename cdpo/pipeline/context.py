@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cdpo import distributed
 from cdpo.data import arith_exemplars, build_prompt, load_exemplars, load_problems, stop_strings
+from cdpo.io import write_jsonl
 from cdpo.models import load_adapter, load_model, load_tokenizer, tiny_llama_like_embedded
 
 TINY = "tiny:llama"
@@ -170,13 +171,30 @@ def log_results(cfg: DictConfig, name: str, summary: dict) -> None:
 
 class JsonlHistory(L.pytorch.loggers.Logger):
     """Every logged metrics row appended to a JSONL file, whatever the configured logger: the report
-    plots training curves (the paper's Figure 6) from it without wandb or CSV logs."""
+    plots training curves (the paper's Figure 6) from it without wandb or CSV logs.
 
-    def __init__(self, path: Path):
+    A new fit starts a new history; a fit resumed from a checkpoint (`resume=True`) keeps the rows before
+    the first step it logs again and drops those from that step on (logged after the checkpoint, before
+    the crash, and logged again now): no duplicates, no gaps."""
+
+    def __init__(self, path: Path, resume: bool = False):
         super().__init__()
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")  # a rerun of the stage starts a new history
+        self._kept = self._rows() if resume else []
+        self._first = True
+        if not resume:
+            self.path.write_text("")
+
+    def _rows(self) -> list[dict]:
+        rows = []
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut by a kill: the checkpoint predates it
+                    break
+        return rows
 
     name = property(lambda self: "history")
     version = property(lambda self: 0)
@@ -186,6 +204,10 @@ class JsonlHistory(L.pytorch.loggers.Logger):
 
     def log_metrics(self, metrics: dict, step: int | None = None) -> None:
         row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        if self._first:  # rewrite the history up to this step once (atomically), then append
+            self._first = False
+            kept = [r for r in self._kept if step is None or r.get("step") is None or r["step"] < step]
+            write_jsonl(self.path, kept)
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -199,10 +221,12 @@ def finish_logger(logger) -> None:
 
 
 def make_trainer(cfg: DictConfig, name: str, *, epochs: int, grad_accum: int = 1, max_steps: int = -1,
-                 checkpoint_dir: Path | None = None, history: Path | None = None) -> L.Trainer:
+                 checkpoint_dir: Path | None = None, history: Path | None = None,
+                 resume_history: bool = False) -> L.Trainer:
     """A Trainer from cfg.trainer; with trainer.checkpoint_every_n_steps and a checkpoint_dir it keeps
     `last.ckpt` there (a folder of shards under FSDP's state_dict_type: sharded) to resume a fit from;
-    with `history`, logged metrics also go to that JSONL file whatever the logger."""
+    with `history`, logged metrics also go to that JSONL file whatever the logger (continued, not restarted,
+    with `resume_history`: the fit resumes from a checkpoint)."""
     t = cfg.trainer
     every = t.get("checkpoint_every_n_steps")
     callbacks = []
@@ -211,7 +235,7 @@ def make_trainer(cfg: DictConfig, name: str, *, epochs: int, grad_accum: int = 1
                                                               save_top_k=0, save_last=True))
     logger = make_logger(cfg, name)
     if history is not None:  # the configured logger stays first: trainer.logger is what finish_logger ends
-        logger = [*([logger] if logger else []), JsonlHistory(history)]
+        logger = [*([logger] if logger else []), JsonlHistory(history, resume=resume_history)]
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.get("num_nodes", 1), precision=t.precision,
         max_epochs=epochs, max_steps=max_steps, accumulate_grad_batches=grad_accum,

@@ -7,11 +7,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from cdpo.errors import StaleInputError
 from cdpo.generation import GenerationStats
-from cdpo.io import read_jsonl, write_json, write_jsonl
+from cdpo.io import DataError, read_jsonl, write_json, write_jsonl
 from cdpo.objectives import from_config as objective_of
 from cdpo.pipeline import context
 from cdpo.pipeline.artifacts import RunPaths
+from cdpo.pipeline.identity import describe, model_identity, questions_digest
 from cdpo.pipeline.sample import generate_graded
 
 
@@ -22,12 +24,31 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 if n - c < k else 1.0 - comb(n - c, k) / comb(n, k)
 
 
-def eval_signature(cfg: DictConfig, adapter: Path | None) -> dict:
-    """What an evaluation result depends on; a cached result is reused only when this matches."""
+def eval_signature(cfg: DictConfig, adapter: Path | None, questions: str | None = None) -> dict:
+    """What an evaluation result depends on; a cached result is reused only when this matches: the
+    settings, the test questions' digest, the base model's and the adapter's content hashes."""
     c = OmegaConf.to_container(cfg, resolve=True)
-    weights = adapter / "adapter_model.safetensors" if adapter else None
     return {"model": c["model"], "data": c["data"], "eval": c["eval"], "generation": c["generation"],
-            "adapter": None if weights is None else [str(weights), weights.stat().st_size, weights.stat().st_mtime_ns]}
+            "model_identity": model_identity(cfg.model), "questions": questions,
+            "adapter": None if adapter is None else describe(adapter)["sha256"]}
+
+
+def cached_result(out: Path, signature: dict) -> dict | None:
+    """A cached evaluation with this signature whose predictions file is intact, else None (a damaged
+    or other cache is evaluated again, it is only a cache)."""
+    summary = out.with_suffix(".json")
+    if not summary.exists():
+        return None
+    try:
+        result = json.loads(summary.read_text())
+        if result.get("signature") != signature:
+            return None
+        if len(read_jsonl(out)) != result["questions"]:
+            raise DataError(f"{out}: {len(read_jsonl(out))} predictions, {result['questions']} questions")
+        return result
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, DataError, FileNotFoundError) as e:
+        print(f"[eval] {summary}: unusable cached evaluation ({str(e)[:120]}): evaluating again")
+        return None
 
 
 def evaluate_model(cfg: DictConfig, model, tok, out_path: Path, label: str, signature: dict | None = None) -> dict:
@@ -64,13 +85,17 @@ def run(cfg: DictConfig, paths: RunPaths) -> dict:
     baseline = objective_of(cfg.method).trains_on == "nothing"  # the base model is the method's own result
     labels = [cfg.method.name] if baseline else list(dict.fromkeys([*cfg.compare, cfg.method.name]))
     results, todo = {}, []
+    questions = questions_digest(context.problems(cfg, cfg.eval.split, cfg.eval.limit))
     for label in labels:
         key = "base" if baseline else "aligned" if label == cfg.method.name else label
         out, adapter = paths.eval_file(key), adapter_for(paths, key)
-        signature = eval_signature(cfg, adapter)
-        cached = out.with_suffix(".json")
-        if cached.exists() and json.loads(cached.read_text()).get("signature") == signature:
-            results[label] = json.loads(cached.read_text())  # base and sft are shared by every method
+        if adapter is not None and not (adapter / "adapter_config.json").exists():
+            stage = "sft_pos" if key == "sft" else "align"
+            raise StaleInputError(f"{adapter}: missing or incomplete adapter: run stage={stage} first, or stage=all")
+        signature = eval_signature(cfg, adapter, questions)
+        cached = cached_result(out, signature)
+        if cached is not None:
+            results[label] = cached  # base and sft are shared by every method
         else:
             todo.append((label, key, out, adapter, signature))
     if todo:

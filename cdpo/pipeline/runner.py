@@ -1,18 +1,18 @@
-"""Runs the stages in order, skipping those whose artifact exists, and prints what was achieved."""
+"""Runs the stages in order, skipping those finished with this run's identity, and prints what was achieved."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from cdpo import distributed
+from cdpo import distributed, signals
 from cdpo.objectives import from_config as objective_of
-from cdpo.pipeline import evaluate, sample, score, select, training
-from cdpo.pipeline.artifacts import (RunPaths, changed_settings, invalidate_after, is_done, mark_done,
-                                     reuse_stage)
+from cdpo.pipeline import artifacts, evaluate, sample, score, select, training
+from cdpo.pipeline.artifacts import RunPaths
+from cdpo.pipeline.lock import run_lock
+from cdpo.validation import validate
 
 STAGES = ("sample", "select", "sft_pos", "sft_neg", "score", "align", "eval")
 
@@ -61,27 +61,32 @@ def _quiet_lightning() -> None:
 
 
 def run_pipeline(cfg: DictConfig) -> dict:
+    validate(cfg)  # every setting, before any work (train.py has checked them already: cheap)
     _quiet_lightning()
     paths = RunPaths(cfg)
-    reuse_from = cfg.get("reuse_from")
-    source = RunPaths(OmegaConf.create({"run_dir": reuse_from, "method_dir": reuse_from})) if reuse_from else None
     stages = _stages_for(cfg)
     distributed.check_stages(cfg.trainer, stages)
+    if not distributed.is_main_process():  # the processes of one fit run under rank 0's lock
+        return _run_stages(cfg, paths, stages)
+    with run_lock(paths.lock, cfg.get("lock_timeout_s")):
+        return _run_stages(cfg, paths, stages)
+
+
+def _run_stages(cfg: DictConfig, paths: RunPaths, stages: list[str]) -> dict:
+    reuse_from = cfg.get("reuse_from")
+    source = RunPaths(OmegaConf.create({"run_dir": reuse_from, "method_dir": reuse_from})) if reuse_from else None
     timings, summaries = {}, {}
     for stage in stages:
-        if source is not None and not is_done(paths, stage) and reuse_stage(source, paths, stage, cfg):
-            print(f"[{stage}] reused from {source.run} (same settings)")
-            invalidate_after(paths, stage)
-            summaries[stage] = json.loads(paths.marker(stage).read_text())
-            continue
-        if stage != "eval" and is_done(paths, stage):
+        signals.check()  # a signal whose exception was swallowed stops at the next stage at the latest
+        artifacts.check_inputs(cfg, paths, stage)
+        identity = artifacts.stage_identity(cfg, paths, stage)
+        if stage != "eval" and artifacts.finished(paths, stage, identity, cfg):
             print(f"[{stage}] done already ({paths.marker(stage)}): skipped")
-            changed = changed_settings(paths, stage, cfg)
-            if changed:
-                print(f"[{stage}] WARNING: its artifact was made with other settings ({'; '.join(changed[:5])}"
-                      f"{' ...' if len(changed) > 5 else ''}); delete {paths.marker(stage)} or use another run_dir "
-                      "to redo it")
-            summaries[stage] = json.loads(paths.marker(stage).read_text())
+            summaries[stage] = artifacts.read_marker(paths, stage)
+            continue
+        if source is not None and artifacts.reuse_stage(source, paths, stage, identity):
+            print(f"[{stage}] reused from {source.run} (same settings and inputs)")
+            summaries[stage] = artifacts.read_marker(paths, stage)
             continue
         print(f"[{stage}] running")
         L.seed_everything(stage_seed(cfg, stage), verbose=False)
@@ -92,11 +97,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
         summaries[stage] = summary
         if not distributed.is_main_process():
             continue  # several training processes: global rank 0 writes the marker
-        mark_done(paths, stage, cfg, summary)
-        if stage != "eval":
-            stale = invalidate_after(paths, stage)
-            if stale:
-                print(f"[{stage}] redone: later stages will be redone too ({', '.join(stale)})")
+        artifacts.mark_done(paths, stage, cfg, summary, identity)
         print(f"[{stage}] finished in {timings[stage]:.0f} s: {_short(summary)}")
     if "eval" in summaries:
         print(results_table(summaries["eval"]["results"]))

@@ -8,7 +8,8 @@ from omegaconf import DictConfig
 from cdpo.generation import GenerationStats, generate
 from cdpo.grading import grade
 from cdpo.pipeline import context
-from cdpo.pipeline.artifacts import RunPaths, run_sharded, stage_signature
+from cdpo.pipeline.artifacts import RunPaths, run_sharded, stage_identity
+from cdpo.pipeline.identity import questions_digest
 
 
 def generate_graded(cfg: DictConfig, model, tok, problems, *, n: int, temperature: float, top_p: float,
@@ -46,7 +47,9 @@ def run(cfg: DictConfig, paths: RunPaths) -> dict:
                                    desc=f"sample {offset + len(shard)}/{len(problems)}", stats=stats)
 
         records = run_sharded(problems, s.shard_size, paths.shards("sample"), work, paths.trajectories,
-                              key=lambda p: p.id, signature=stage_signature(cfg, "sample"), on_skip=reused.append)
+                              key=lambda p: p.id, on_skip=reused.append,
+                              # shards of other settings, questions or model are never reused
+                              signature=stage_identity(cfg, paths, "sample", questions=questions_digest(problems)))
     n_samples = sum(len(r["samples"]) for r in records)
     n_correct = sum(x["correct"] for r in records for x in r["samples"])
     return {"questions": len(records), "samples": n_samples, "correct": n_correct,

@@ -14,12 +14,15 @@ from cdpo.kv_cache import shared_prefix_ids
 from cdpo.models import load_adapter
 from cdpo.modules import ContrastiveScorer, SequencesDataModule
 from cdpo.pipeline import context
-from cdpo.pipeline.artifacts import RunPaths, load, run_sharded, stage_signature
+from cdpo.pipeline.artifacts import RunPaths, load, run_sharded, stage_identity
 
 
 def scorer_for(cfg: DictConfig, pos: str | Path, neg: str | Path) -> ContrastiveScorer:
     """Positive and negative models, each an adapter directory or a full model directory."""
     pos, neg = Path(pos), Path(neg)
+    for path in (pos, neg):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such adapter or model directory")
     is_adapter = [(p / "adapter_config.json").exists() for p in (pos, neg)]
     if all(is_adapter):
         model = load_adapter(context.base_model(cfg), pos, "pos")
@@ -91,7 +94,8 @@ def run(cfg: DictConfig, paths: RunPaths) -> dict:
     scorer = scorer_for(cfg, paths.pos_adapter, paths.neg_adapter)
     reused = []
     out = run_sharded(pairs, cfg.ce.shard_size, paths.shards("score"), lambda shard: score_pairs(cfg, scorer, shard, tok),
-                      paths.scored_pairs, key=pair_key, signature=stage_signature(cfg, "score"), on_skip=reused.append)
+                      paths.scored_pairs, key=pair_key, on_skip=reused.append,
+                      signature=stage_identity(cfg, paths, "score"))  # the pairs' and adapters' contents too
     rej = [x for p in out for x in p["rejected_p_ce"]]
     cho = [x for p in out for x in p["chosen_p_ce"]]
     mean = lambda xs: round(sum(xs) / max(len(xs), 1), 4)  # noqa: E731

@@ -19,6 +19,7 @@ from collections import Counter
 
 from omegaconf import DictConfig
 
+from cdpo.errors import UserError
 from cdpo.io import write_jsonl
 from cdpo.pipeline import context
 from cdpo.pipeline.artifacts import RunPaths, load
@@ -26,7 +27,7 @@ from cdpo.pipeline.artifacts import RunPaths, load
 NO_ANSWER = "<no answer>"
 
 
-class EmptySelectionError(RuntimeError):
+class EmptySelectionError(UserError, RuntimeError):
     pass
 
 

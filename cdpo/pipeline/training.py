@@ -5,6 +5,7 @@ import hashlib
 import json
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -19,7 +20,8 @@ from cdpo.models import add_lora, model_summary, reference_model, save_adapter
 from cdpo.modules import PairsDataModule, PreferenceModule, SequencesDataModule, SFTModule
 from cdpo.objectives import from_config as objective_of
 from cdpo.pipeline import context
-from cdpo.pipeline.artifacts import RunPaths, load, stage_signature
+from cdpo.pipeline.artifacts import RunPaths, load, stage_identity
+from cdpo.pipeline.identity import model_identity
 
 def _lora(peft_cfg: DictConfig) -> dict:
     if not peft_cfg.r:
@@ -32,19 +34,19 @@ def _data_kw(cfg: DictConfig, tok, batch_size: int, seed: int) -> dict:
                 max_prompt_length=cfg.data.max_prompt_length)
 
 
-def _fit(cfg, name, module, datamodule, *, adapter: str, path, epochs, grad_accum=1, stage: str | None = None,
+def _fit(cfg, name, module, datamodule, *, adapter: str, path, epochs, grad_accum=1, key: str | None = None,
          history=None) -> dict:
     """Fit `module`, then write its adapter `adapter` into `path` (global rank 0; gathered from every
     process's shard under FSDP / DeepSpeed). With trainer.checkpoint_every_n_steps, an interrupted fit
-    resumes from its last checkpoint, kept beside `path` under a name that holds a hash of the stage's
-    settings (a checkpoint of other settings is never resumed) and removed once the adapter is written."""
+    resumes from its last checkpoint, kept beside `path` under a name that holds the stage's identity
+    `key` (settings and input contents: a checkpoint of other settings or inputs is never resumed) and
+    removed once the adapter is written. A damaged checkpoint (a kill during its write) is discarded."""
     path = Path(path)
-    settings = json.dumps(stage_signature(cfg, stage) if stage else name, sort_keys=True, default=str)
-    ckpt_dir = path.parent / f".checkpoints-{path.name}-{hashlib.sha1(settings.encode()).hexdigest()[:12]}"
+    ckpt_dir = path.parent / f".checkpoints-{path.name}-{(key or hashlib.sha1(name.encode()).hexdigest())[:12]}"
     last = ckpt_dir / "last.ckpt"
+    resume = str(last) if cfg.trainer.get("checkpoint_every_n_steps") and _usable_checkpoint(last, name) else None
     trainer = context.make_trainer(cfg, name, epochs=epochs, grad_accum=grad_accum, checkpoint_dir=ckpt_dir,
-                                   history=history)
-    resume = str(last) if cfg.trainer.get("checkpoint_every_n_steps") and last.exists() else None
+                                   history=history, resume_history=resume is not None)
     if resume:
         print(f"[{name}] resuming from {resume}")
     t0 = time.perf_counter()
@@ -68,6 +70,24 @@ def _fit(cfg, name, module, datamodule, *, adapter: str, path, epochs, grad_accu
             "processes": trainer.world_size}
 
 
+def _usable_checkpoint(last: Path, name: str) -> bool:
+    """Whether `last` can be resumed from. Lightning writes checkpoints in place, so a kill during the
+    write leaves a truncated zip (its central directory, at the end, is missing): discarded, the fit starts
+    over, rather than a traceback at every rerun. A folder (FSDP's sharded checkpoint) is trusted."""
+    if not last.exists():
+        return False
+    if last.is_dir():
+        return True
+    try:
+        with zipfile.ZipFile(last):
+            return True
+    except (zipfile.BadZipFile, OSError) as e:
+        print(f"[{name}] {last}: unreadable checkpoint ({e}), probably cut by a kill during its write: discarded, "
+              "the fit starts over")
+        last.unlink()
+        return False
+
+
 def train_sft(cfg: DictConfig, paths: RunPaths, *, which: str) -> dict:
     """Fit the positive (which='pos') or negative (which='neg') CE model."""
     records = load(paths.positives if which == "pos" else paths.negatives)
@@ -78,7 +98,7 @@ def train_sft(cfg: DictConfig, paths: RunPaths, *, which: str) -> dict:
     sizes = model_summary(model)  # before fitting: FSDP leaves each process a shard of every tensor
     summary = _fit(cfg, f"sft_{which}", module, SequencesDataModule(records, **_data_kw(cfg, tok, ce.batch_size, ce.seed)),
                    adapter=which, path=paths.pos_adapter if which == "pos" else paths.neg_adapter, epochs=ce.epochs,
-                   stage=f"sft_{which}")
+                   key=stage_identity(cfg, paths, f"sft_{which}")["hash"])
     return {**summary, **sizes}
 
 
@@ -88,7 +108,8 @@ def reference_logps(cfg: DictConfig, paths: RunPaths, pairs: list[dict], tok, po
     model, no second copy in memory), computed once and cached in the run dir. A cached entry is
     used only for the same token ids, truncation and base model."""
     cached = {c["key"]: c for c in load(paths.ref_logps)} if paths.ref_logps.exists() else {}
-    keys = [_ref_key(cfg, p) for p in pairs]
+    model_id = model_identity(cfg.model)  # a local model's files, listed once
+    keys = [_ref_key(cfg, p, model_id) for p in pairs]
     if all(k in cached for k in keys):
         return [cached[k] for k in keys]
     device = next(policy.parameters()).device
@@ -110,11 +131,11 @@ def reference_logps(cfg: DictConfig, paths: RunPaths, pairs: list[dict], tok, po
     return out
 
 
-def _ref_key(cfg: DictConfig, pair: dict) -> str:
+def _ref_key(cfg: DictConfig, pair: dict, model_id: str) -> str:
     """Everything a reference log-prob depends on: the ids, the truncation and the base model."""
     d, m = cfg.data, cfg.model
     text = json.dumps([pair["prompt_ids"], pair["chosen_ids"], pair["rejected_ids"], d.max_length,
-                       d.max_prompt_length, m.path, m.dtype, cfg.loss_impl])
+                       d.max_prompt_length, m.path, m.dtype, cfg.loss_impl, model_id])
     return hashlib.sha1(text.encode()).hexdigest()
 
 
@@ -168,5 +189,6 @@ def train_align(cfg: DictConfig, paths: RunPaths) -> dict:
         dm = PairsDataModule(pairs, with_weights=objective.needs_scores, with_ref=with_ref, **kw)
     sizes = model_summary(policy)
     summary = _fit(cfg, f"align_{objective.name}_seed{cfg.seed}", module, dm, adapter="policy",
-                   path=paths.aligned_adapter, epochs=a.epochs, grad_accum=a.grad_accum, stage="align", history=paths.history)
+                   path=paths.aligned_adapter, epochs=a.epochs, grad_accum=a.grad_accum, history=paths.history,
+                   key=stage_identity(cfg, paths, "align")["hash"])
     return {**summary, **sizes}

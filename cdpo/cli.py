@@ -1,0 +1,64 @@
+"""The one wrapper every entry point (train, score, eval, report, rollout) runs its work in.
+
+- a user error (`cdpo.errors.UserError`, or a missing file) is one line on stderr and exit code 2;
+  under a Hydra multirun it is re-raised instead, so Hydra records the failed job and runs the others;
+- a signal that stops the run (SIGTERM from `timeout` or SLURM preemption, SIGINT, SIGHUP) exits with
+  128 + its number in every stage, never 0: what was finished is kept and a rerun resumes from it.
+Imports nothing heavy: the work function imports what it needs.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Callable
+
+from cdpo import signals
+from cdpo.errors import Stopped, UserError
+
+
+def _exit_now(signum, frame):
+    # the work is over (its files are complete): a late signal still ends the process as stopped
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+def _stopped(name: str, signum: int):
+    print(f"{name}: stopped by {signal.Signals(signum).name}; finished stages and shards are kept: rerun the same "
+          "command to resume", file=sys.stderr)
+    sys.exit(128 + signum)
+
+
+def _multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:  # not under Hydra
+        return False
+
+
+def run_entry(name: str, work: Callable[[], object], *, also: tuple[type[BaseException], ...] = ()):
+    """Run `work()` as entry point `name` (e.g. "train.py"); `also`: extra exception types that count
+    as user errors there (report.py: ValueError from its arguments)."""
+    signals.install()
+    try:
+        result = work()
+        signals.check()  # a stop whose exception was swallowed (raised in a finaliser) still stops
+        return result
+    except Stopped as stop:
+        _stopped(name, stop.signum)
+    except (UserError, FileNotFoundError, *also) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        if _multirun():
+            raise  # Hydra records the failed job, runs the others and raises at the end of the sweep
+        sys.exit(2)
+    except BaseException:
+        if signals.received:  # e.g. Lightning's SIGTERMException, a SystemExit(None) = exit 0, after our
+            _stopped(name, signals.received[0])  # Stopped was swallowed by a finaliser
+        raise
+    finally:
+        for s in signals.SIGNALS:  # until the process ends, or a multirun's next job installs its own
+            signal.signal(s, _exit_now)

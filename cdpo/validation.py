@@ -1,0 +1,255 @@
+"""Every setting of `train.py`'s config checked at start-up, in one place, before any work.
+
+Pure config and cheap environment checks (no torch import, no model, no data download), so that a
+bad value is reported in about a second with its dotted key and its allowed range, instead of after
+the samples and both CE models were computed. `validate(cfg)` raises `ConfigError` listing every
+problem; `problems(cfg)` returns them. Objectives add their own checks through `method_problems`.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from cdpo.errors import ConfigError
+
+STAGES = ("all", "sample", "select", "sft_pos", "sft_neg", "score", "align", "eval")
+SOURCES = ("arith", "gsm8k", "math500")  # plus jsonl:<path> and hf:<dataset_id>
+SPLITS = {"arith": ("train", "test"), "gsm8k": ("train", "test"), "math500": ("test",)}
+PROMPT_STYLES = ("gsm8k", "math", "chat")
+DTYPES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "auto", "bf16-if-native")
+ACCELERATORS = ("cpu", "gpu", "cuda", "auto", "mps")
+PRECISIONS = ("32", "32-true", "16", "16-mixed", "bf16", "bf16-mixed", "bf16-true", "16-true", "64", "64-true",
+              "transformer-engine")
+GRADING_POLICIES = ("strict", "flexible", "authors_gsm8k", "authors_math")  # cdpo.grading.POLICIES (a test keeps them equal)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name
+
+
+class _Checker:
+    """Collects "key=value: allowed range" lines; a missing optional key is not checked."""
+
+    def __init__(self, cfg: dict):
+        self.cfg, self.out = cfg, []
+
+    def get(self, key: str, default: Any = "<missing>") -> Any:
+        node = self.cfg
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    def bad(self, key: str, allowed: str) -> None:
+        self.out.append(f"{key}={self.get(key, None)!r}: {allowed}")
+
+    def number(self, key: str, *, low=None, high=None, low_open=False, high_open=False, integer=False,
+               optional=False) -> None:
+        v = self.get(key)
+        if v == "<missing>" or (v is None and optional):
+            return
+        kind = "an integer" if integer else "a number"
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        allowed = f"{kind} {' and '.join(x for x in (lo, hi) if x)}".strip() + (" or null" if optional else "")
+        ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
+        if isinstance(v, bool) or not ok_type:
+            return self.bad(key, allowed)
+        if low is not None and (v <= low if low_open else v < low):
+            return self.bad(key, allowed)
+        if high is not None and (v >= high if high_open else v > high):
+            return self.bad(key, allowed)
+
+    def choice(self, key: str, values, optional=False) -> None:
+        v = self.get(key)
+        if v == "<missing>" or (v is None and optional):
+            return
+        if v not in values:
+            self.bad(key, f"one of {', '.join(map(str, values))}")
+
+    def boolean(self, key: str) -> None:
+        v = self.get(key)
+        if v != "<missing>" and not isinstance(v, bool):
+            self.bad(key, "true or false")
+
+
+def _has_gpu() -> bool:
+    """Whether a CUDA/ROCm device is visible, without importing torch (slow) unless it is loaded."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].cuda.is_available()
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    return bool(glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd"))
+
+
+def _lora(c: _Checker, section: str) -> None:
+    c.number(f"{section}.r", low=1, integer=True)
+    c.number(f"{section}.alpha", low=0, low_open=True)
+    c.number(f"{section}.dropout", low=0, high=1, high_open=True)
+    modules = c.get(f"{section}.target_modules")
+    if modules != "<missing>" and (not isinstance(modules, list) or not modules):
+        c.bad(f"{section}.target_modules", "a non-empty list of module names")
+
+
+def _model(c: _Checker) -> None:
+    path = c.get("model.path")
+    if not isinstance(path, str) or not path:
+        return c.bad("model.path", "tiny:llama, embedded:<name>, a model directory or a hub id org/name")
+    if not (path.startswith(("tiny:", "embedded:")) or Path(path).is_dir() or _HUB_ID.match(path)):
+        c.bad("model.path", "tiny:llama, embedded:<name>, an existing model directory or a hub id org/name "
+                            f"({path} does not exist)")
+    c.choice("model.dtype", DTYPES)
+    c.boolean("model.gradient_checkpointing")
+
+
+def _data(c: _Checker, training: bool) -> None:
+    d = "data"
+    for key in (f"{d}.source", f"{d}.train_source"):
+        source = c.get(key, None)
+        if source is None and key.endswith("train_source"):
+            continue
+        if not isinstance(source, str) or not (source in SOURCES or source.startswith(("jsonl:", "hf:"))):
+            c.bad(key, f"one of {', '.join(SOURCES)}, jsonl:<path> or hf:<dataset_id>")
+        elif source.startswith("jsonl:") and not Path(source[len("jsonl:"):]).is_file():
+            c.bad(key, f"jsonl:<path> of an existing file ({source[len('jsonl:'):]}: no such file)")
+    source = c.get(f"{d}.source", None)
+    # training questions are read only when sampling (the baseline and stage=eval need none)
+    samples = training and c.get("stage", "all") in ("all", "sample") and _trains(c)
+    for split_key in (f"{d}.train_split", f"{d}.test_split"):
+        split = c.get(split_key)
+        train = split_key.endswith("train_split")
+        used = (c.get(f"{d}.train_source", None) if train else None) or source
+        if not isinstance(split, str) or not split:
+            c.bad(split_key, "a split name")
+        elif used in SPLITS and split not in SPLITS[used] and (samples or not train):
+            hint = " (training questions: data.train_source=jsonl:<path> or hf:<id>)" if train else ""
+            c.bad(split_key, f"a split of {used}: {', '.join(SPLITS[used])}{hint}")
+    c.number(f"{d}.train_limit", low=1, integer=True, optional=True)
+    c.number(f"{d}.test_limit", low=1, integer=True, optional=True)
+    c.choice(f"{d}.prompt_style", PROMPT_STYLES)
+    c.number(f"{d}.n_shot", low=0, integer=True)
+    c.number(f"{d}.train_n_shot", low=0, integer=True, optional=True)
+    c.boolean(f"{d}.strip_prompt")
+    c.choice(f"{d}.grading", GRADING_POLICIES)
+    c.number(f"{d}.max_new_tokens", low=1, integer=True)
+    c.number(f"{d}.max_length", low=2, integer=True)
+    c.number(f"{d}.max_prompt_length", low=1, integer=True)
+    length, prompt = c.get(f"{d}.max_length", None), c.get(f"{d}.max_prompt_length", None)
+    if isinstance(length, int) and isinstance(prompt, int) and prompt >= length:
+        c.bad(f"{d}.max_prompt_length", f"an integer < data.max_length ({length}): responses need room")
+
+
+def _trainer(c: _Checker) -> None:
+    t = "trainer"
+    c.choice(f"{t}.accelerator", ACCELERATORS)
+    if c.get(f"{t}.accelerator") in ("gpu", "cuda") and not _has_gpu():
+        c.bad(f"{t}.accelerator", "cpu on this machine: no CUDA device is visible (use trainer=cpu)")
+    devices = c.get(f"{t}.devices")
+    if devices != "<missing>" and devices not in ("auto", -1) and not isinstance(devices, list):
+        c.number(f"{t}.devices", low=1, integer=True)
+    c.number(f"{t}.num_nodes", low=1, integer=True)
+    if c.get(f"{t}.precision") != "<missing>" and str(c.get(f"{t}.precision")) not in PRECISIONS:
+        c.bad(f"{t}.precision", f"one of {', '.join(PRECISIONS)}")
+    c.number(f"{t}.gradient_clip_val", low=0, optional=True)
+    c.number(f"{t}.log_every_n_steps", low=1, integer=True)
+    c.number(f"{t}.checkpoint_every_n_steps", low=1, integer=True, optional=True)
+
+
+def method_problems(cfg: dict) -> list[str]:
+    """The method section, checked by its objective class (cdpo.objectives: each field's allowed values)."""
+    from cdpo.objectives import from_config
+
+    try:
+        from_config(OmegaConf.create(cfg.get("method") or {}))
+    except ConfigError as e:
+        return [str(e)]
+    return []
+
+
+def _trains(c: _Checker) -> bool:
+    """Whether the method trains anything (the baseline does not: its LoRA and data settings do not matter)."""
+    from cdpo.objectives import REGISTRY
+
+    cls = REGISTRY.get(c.get("method.name", None))
+    return cls is None or cls.trains_on != "nothing"
+
+
+def problems(cfg: DictConfig | dict, *, training: bool = True) -> list[str]:
+    """Every setting outside its allowed range, as "key=value: allowed" lines (empty: all good).
+    training=False (eval.py, score.py, rollout.py): the training questions are not read."""
+    c = _Checker(OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg)
+    c.choice("stage", STAGES)
+    c.number("seed", low=0, integer=True)
+    c.choice("loss_impl", ("torch", "fused"))
+    compare = c.get("compare")
+    if compare != "<missing>" and (not isinstance(compare, list) or not set(compare) <= {"base", "sft"}):
+        c.bad("compare", "a list of base, sft")
+    c.number("lock_timeout_s", low=0, optional=True)
+    _model(c)
+    _data(c, training)
+    _trainer(c)
+    c.choice("generation.backend", ("hf", "vllm"))
+    c.number("generation.batch_size", low=1, integer=True)
+    c.number("generation.max_new_tokens", low=1, integer=True)
+    c.choice("logger.kind", ("wandb", "csv", "none"))
+
+    s = "sample"
+    c.number(f"{s}.n", low=1, integer=True)
+    c.number(f"{s}.temperature", low=0)
+    c.number(f"{s}.top_p", low=0, high=1, low_open=True)
+    c.number(f"{s}.max_new_tokens", low=1, integer=True)
+    c.number(f"{s}.shard_size", low=1, integer=True)
+    c.number(f"{s}.seed", low=0, integer=True)
+    s = "select"
+    c.number(f"{s}.top_k", low=1, integer=True)
+    c.number(f"{s}.top_p", low=0, high=1, low_open=True)
+    c.choice(f"{s}.negative_rule", ("top_p", "top_k", "authors"))
+    c.number(f"{s}.negative_k", low=1, integer=True)
+    c.number(f"{s}.pairs_per_question", low=1, integer=True)
+    for s in ("ce", "align"):
+        c.number(f"{s}.lr", low=0, low_open=True)
+        c.number(f"{s}.epochs", low=1, integer=True)
+        c.number(f"{s}.batch_size", low=1, integer=True)
+        c.number(f"{s}.warmup_ratio", low=0, high=1, high_open=True)
+        c.number(f"{s}.warmup_steps", low=0, integer=True, optional=True)
+        c.choice(f"{s}.schedule", ("cosine", "linear"))
+        c.number(f"{s}.weight_decay", low=0)
+    c.number("ce.b", low=0)
+    c.number("ce.shard_size", low=1, integer=True)
+    c.boolean("ce.share_prefix")
+    c.number("ce.seed", low=0, integer=True)
+    c.number("align.grad_accum", low=1, integer=True)
+    c.boolean("align.precompute_ref")
+    c.choice("align.overlong", ("truncate", "drop"))
+    c.number("align.drop_prompt_length", low=1, integer=True)
+    c.number("align.drop_length", low=2, integer=True)
+    c.choice("cdpo_loss_form", ("sequence", "per_position"))
+    e = "eval"
+    c.number(f"{e}.n", low=1, integer=True)
+    c.number(f"{e}.temperature", low=0)
+    c.number(f"{e}.top_p", low=0, high=1, low_open=True)
+    c.number(f"{e}.limit", low=1, integer=True, optional=True)
+    n = c.get(f"{e}.n", 1)
+    pass_k = c.get(f"{e}.pass_k")
+    if pass_k != "<missing>" and (not isinstance(pass_k, list) or not all(
+            isinstance(k, int) and not isinstance(k, bool) and 1 <= k for k in pass_k)):
+        c.bad(f"{e}.pass_k", f"a list of integers >= 1 (pass@k needs k <= eval.n={n})")
+
+    name = c.get("method.name")
+    if not isinstance(name, str) or not name:
+        c.bad("method.name", "a method name")
+    if _trains(c):
+        _lora(c, "peft")
+        _lora(c, "ce_lora")
+    return c.out + method_problems(c.cfg)
+
+
+def validate(cfg: DictConfig | dict, *, training: bool = True) -> None:
+    """Raise ConfigError naming every bad setting (its dotted key and allowed range) before any work."""
+    found = problems(cfg, training=training)
+    if found:
+        raise ConfigError("bad setting" + ("s" if len(found) > 1 else "") + ": " + "; ".join(found))
