@@ -157,6 +157,36 @@ def _trainer(c: _Checker) -> None:
     c.number(f"{t}.gradient_clip_val", low=0, optional=True)
     c.number(f"{t}.log_every_n_steps", low=1, integer=True)
     c.number(f"{t}.checkpoint_every_n_steps", low=1, integer=True, optional=True)
+    _trainer_keys(c)
+
+
+# Keys of the shipped trainer configs; any other key is checked against Lightning's Trainer (an import)
+KNOWN_TRAINER_KEYS = {"accelerator", "devices", "num_nodes", "precision", "gradient_clip_val", "log_every_n_steps",
+                      "checkpoint_every_n_steps", "strategy"}
+
+
+def _trainer_keys(c: _Checker) -> None:
+    extra = set(c.get("trainer", None) or {}) - KNOWN_TRAINER_KEYS
+    if extra:
+        from cdpo.pipeline.trainers import trainer_arguments
+
+        try:
+            trainer_arguments({k: c.cfg["trainer"][k] for k in extra})
+        except ConfigError as e:
+            c.out.append(str(e))
+
+
+def _logger_and_callbacks(c: _Checker) -> None:
+    target = c.get("logger._target_", None)
+    if target is not None and (not isinstance(target, str) or "." not in target):
+        c.bad("logger._target_", "a Lightning logger class (e.g. lightning.pytorch.loggers.CSVLogger) or null")
+    c.choice("logger.mode", ("auto", "online", "offline", "disabled"))
+    callbacks = c.get("callbacks", None) or {}
+    if not isinstance(callbacks, dict):
+        return c.bad("callbacks", "a mapping of name -> {_target_: <callback class>, ...}")
+    for name, node in callbacks.items():
+        if not isinstance(node, dict) or not isinstance(node.get("_target_"), str):
+            c.bad(f"callbacks.{name}", "{_target_: <a Lightning callback class>, <its arguments>}")
 
 
 def method_problems(cfg: dict) -> list[str]:
@@ -195,7 +225,14 @@ def problems(cfg: DictConfig | dict, *, training: bool = True) -> list[str]:
     c.choice("generation.backend", ("hf", "vllm"))
     c.number("generation.batch_size", low=1, integer=True)
     c.number("generation.max_new_tokens", low=1, integer=True)
-    c.choice("logger.kind", ("wandb", "csv", "none"))
+    _logger_and_callbacks(c)
+    ckpt = c.get("ckpt_path", None)
+    if ckpt is not None:
+        if c.get("stage", "all") not in ("sft_pos", "sft_neg", "align"):
+            c.bad("ckpt_path", "a checkpoint of the one training stage this run runs: set stage=sft_pos, sft_neg "
+                               "or align")
+        elif not Path(str(ckpt)).exists():
+            c.bad("ckpt_path", f"an existing Lightning checkpoint ({ckpt}: no such file)")
 
     s = "sample"
     c.number(f"{s}.n", low=1, integer=True)
@@ -219,6 +256,8 @@ def problems(cfg: DictConfig | dict, *, training: bool = True) -> list[str]:
         c.choice(f"{s}.schedule", ("cosine", "linear"))
         c.number(f"{s}.weight_decay", low=0)
     c.number("ce.b", low=0)
+    c.number("ce.holdout", low=0, integer=True, optional=True)
+    c.number("ce.eval_every_n_steps", low=1, integer=True, optional=True)
     c.number("ce.shard_size", low=1, integer=True)
     c.boolean("ce.share_prefix")
     c.number("ce.seed", low=0, integer=True)

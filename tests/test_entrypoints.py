@@ -81,7 +81,7 @@ def test_wandb_offline_run_holds_logged_metrics(tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
 
     from cdpo.modules import SequencesDataModule, SFTModule
-    from cdpo.pipeline import context
+    from cdpo.pipeline import trainers
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -90,9 +90,9 @@ def test_wandb_offline_run_holds_logged_metrics(tmp_path, monkeypatch):
     tok = load_tokenizer("embedded:smollm2-135m-instruct")
     model = add_lora(tiny_llama_like_embedded(), "pos", r=4, alpha=8, target_modules=["gate_proj"])
     seqs = [{"prompt_ids": [1, 2, 3], "response_ids": [4, 5, 6, 7]}] * 4
-    trainer = context.make_trainer(cfg, "sft_pos", epochs=1)
+    trainer = trainers.make_trainer(cfg, "sft_pos", epochs=1)
     trainer.fit(SFTModule(model), datamodule=SequencesDataModule(seqs, pad_id=tok.pad_token_id, batch_size=2))
-    context.finish_logger(trainer.logger)
+    trainers.finish_logger(trainer.logger)
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     blob = runs[0].read_bytes()
@@ -107,12 +107,12 @@ def test_wandb_stays_offline_after_an_earlier_run_in_the_process(tmp_path):
 import sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_pipeline import _cfg
-from cdpo.pipeline import context
+from cdpo.pipeline import trainers
 cfg = _cfg({str(tmp_path / "run")!r}, "logger=wandb")
-context.log_results(cfg, "eval_x", {{"eval/accuracy": 0.5}})
-logger = context.make_logger(cfg, "align_x")
+trainers.log_results(cfg, "eval_x", {{"eval/accuracy": 0.5}})
+logger = trainers.make_logger(cfg, "align_x")
 logger.experiment.log({{"loss": 1.0}})
-context.finish_logger(logger)
+trainers.finish_logger(logger)
 print("OFFLINE-OK")
 """
     env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}

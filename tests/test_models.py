@@ -6,6 +6,7 @@ cache, ~25 s; ~1 s afterwards). They run by default.
 
 import dataclasses
 import json
+import logging
 import os
 import threading
 import time
@@ -36,6 +37,13 @@ from cdpo.models import (  # noqa: E402
     use_adapter,
 )
 from cdpo.models import embedded as embedded_mod  # noqa: E402
+
+
+def _logged(caplog) -> str:
+    """What the pipeline logged since the last call (the records are cleared)."""
+    text = caplog.text
+    caplog.clear()
+    return text
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
 
@@ -261,7 +269,8 @@ def fake_cache(tmp_path, monkeypatch):
     return tmp_path / "cache", calls, fake_convert
 
 
-def test_embedded_cache_is_atomic(fake_cache, monkeypatch, capsys):
+def test_embedded_cache_is_atomic(fake_cache, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="cdpo")
     root, calls, fake_convert = fake_cache
     monkeypatch.setattr(embedded_mod, "_convert_into", lambda *a: fake_convert(*a, fail=True))
     with pytest.raises(KeyboardInterrupt):
@@ -269,7 +278,7 @@ def test_embedded_cache_is_atomic(fake_cache, monkeypatch, capsys):
     final = root / "smollm2-135m-instruct"
     assert len(calls) == 1 and not final.exists()
     assert not list(root.glob(".tmp-*"))  # no half-built directory left behind
-    assert "converting SmolLM2-135M-Instruct GGUF once -> " in capsys.readouterr().out
+    assert "converting SmolLM2-135M-Instruct GGUF once -> " in _logged(caplog)
 
     # a leftover from a killed process (no cleanup ran) and a stale unmarked cache get replaced
     (root / ".tmp-smollm2-135m-instruct-killed").mkdir()

@@ -1,5 +1,6 @@
 """End to end: every stage on a tiny model and a few arith questions, checking each artifact's content."""
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,13 @@ from cdpo.models import load_tokenizer
 from cdpo.pipeline import run_pipeline
 from cdpo.pipeline.artifacts import RunPaths, accept, run_sharded
 from cdpo.pipeline.select import EmptySelectionError, select_question
+
+
+def _logged(caplog) -> str:
+    """What the pipeline logged since the last call (the records are cleared)."""
+    text = caplog.text
+    caplog.clear()
+    return text
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny", "data.train_limit=4", "data.test_limit=3", "sample.n=3", "sample.shard_size=2",
@@ -46,7 +54,8 @@ def _inject_correct_samples(paths: RunPaths, tok):
         accept(paths, "sample")
 
 
-def test_every_stage_on_a_tiny_model(tmp_path, capsys):
+def test_every_stage_on_a_tiny_model(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="cdpo")
     tok = load_tokenizer("embedded:smollm2-135m-instruct")
     cfg = _cfg(tmp_path)
     paths = RunPaths(cfg)
@@ -102,13 +111,13 @@ def test_every_stage_on_a_tiny_model(tmp_path, capsys):
         assert results[label]["correct"] == sum(r["samples"][0]["correct"] for r in graded)
         saved = json.loads(paths.eval_file(key).with_suffix(".json").read_text())
         assert saved["config"]["model"]["name"] == "tiny"
-    out = capsys.readouterr().out
+    out = _logged(caplog)
     assert "| base |" in out and "| cdpo |" in out and str(paths.run) in out
 
     # a second run skips every finished stage and reuses the shared evaluations
     again = run_pipeline(cfg)
     assert again["seconds"].keys() == {"eval"}
-    assert "WARNING" not in capsys.readouterr().out
+    assert "WARNING" not in _logged(caplog)
     # ... and refuses to run a stage on an input made with other settings (it would mix the two)
     with pytest.raises(StaleInputError, match=r"select.top_p: 0.5 -> 0.9\).*run stage=select first"):
         run_pipeline(_cfg(tmp_path, "stage=score", "select.top_p=0.9"))

@@ -2,6 +2,7 @@
 the baseline method, reusing finished stages from another run_dir, the negative-selection rule and
 chosen-weights switches that change what is trained, eval results in wandb."""
 import json
+import logging
 import os
 
 import pytest
@@ -12,12 +13,19 @@ from test_pipeline import _cfg, _inject_correct_samples
 from cdpo.data.collate import collate_pairs
 from cdpo.io import read_jsonl, write_jsonl
 from cdpo.models import load_tokenizer
-from cdpo.pipeline import context, run_pipeline
+from cdpo.pipeline import context, run_pipeline, trainers
 from cdpo.pipeline import select as select_stage
 from cdpo.pipeline.artifacts import RunPaths
 from cdpo.pipeline.select import select_question
 from cdpo.pipeline.training import preference_module
 
+
+
+def _logged(caplog) -> str:
+    """What the pipeline logged since the last call (the records are cleared)."""
+    text = caplog.text
+    caplog.clear()
+    return text
 
 @pytest.fixture(scope="module")
 def tok():
@@ -65,21 +73,22 @@ def test_baseline_evaluates_the_base_model_alone_and_shares_it(tmp_path, capsys)
         run_pipeline(_cfg(tmp_path, "method=baseline", "stage=align"))
 
 
-def test_reuse_from_carries_over_stages_made_with_the_same_settings(tmp_path, tok, capsys):
+def test_reuse_from_carries_over_stages_made_with_the_same_settings(tmp_path, tok, caplog):
+    caplog.set_level(logging.INFO, logger="cdpo")
     main = tmp_path / "main"
     _prepared(main, tok)
     for stage in ("sft_pos", "sft_neg", "score"):
         run_pipeline(_cfg(main, f"stage={stage}"))
-    capsys.readouterr()
+    caplog.clear()
     # the CE models do not depend on b: no warning when b changes
     run_pipeline(_cfg(main, "stage=sft_pos", "ce.b=2.0"))
-    assert "WARNING" not in capsys.readouterr().out
+    assert "WARNING" not in _logged(caplog)
 
     # an ablation over b in its own run_dir: everything up to the CE models is reused, score is redone
     abl = tmp_path / "b2"
     for stage in ("sample", "select", "sft_pos", "sft_neg", "score"):
         run_pipeline(_cfg(abl, f"stage={stage}", "ce.b=2.0", f"reuse_from={main}"))
-    out = capsys.readouterr().out
+    out = _logged(caplog)
     for stage in ("sample", "select", "sft_pos", "sft_neg"):
         assert f"[{stage}] reused from {main}" in out
     assert "[score] running" in out and "[score] reused" not in out
@@ -93,12 +102,12 @@ def test_reuse_from_carries_over_stages_made_with_the_same_settings(tmp_path, to
     rank = tmp_path / "r4"
     for stage in ("sample", "select", "sft_pos"):
         run_pipeline(_cfg(rank, f"stage={stage}", "peft@ce_lora=ce_lora_r4", f"reuse_from={main}"))
-    out = capsys.readouterr().out
+    out = _logged(caplog)
     assert "[sample] reused" in out and "[select] reused" in out and "[sft_pos] running" in out
     assert json.loads((rank / "adapters" / "pos" / "adapter_config.json").read_text())["r"] == 4
     # a source made with other settings is not reused
     run_pipeline(_cfg(tmp_path / "n4", "stage=sample", "sample.n=4", f"reuse_from={main}"))
-    assert "reused" not in capsys.readouterr().out
+    assert "reused" not in _logged(caplog)
 
 
 def test_negative_selection_rule():
@@ -152,13 +161,13 @@ def test_chosen_weighting_in_the_config_changes_the_cdpo_loss(tmp_path):
 def test_eval_results_reach_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     cfg = _cfg(tmp_path, "logger=wandb")
-    context.log_results(cfg, "eval_cdpo_seed0", {"eval/accuracy": 0.25, "eval/per_question": {"arith-q1": 1}})
+    trainers.log_results(cfg, "eval_cdpo_seed0", {"eval/accuracy": 0.25, "eval/per_question": {"arith-q1": 1}})
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     blob = runs[0].read_bytes()
     for key in (b"eval/accuracy", b"eval/per_question", b"arith-q1", b"eval_cdpo_seed0"):
         assert key in blob, key
-    context.log_results(_cfg(tmp_path / "csv"), "x", {"eval/accuracy": 1.0})  # csv logger: nothing to do
+    trainers.log_results(_cfg(tmp_path / "csv"), "x", {"eval/accuracy": 1.0})  # csv logger: nothing to do
     assert not (tmp_path / "csv").exists()
 
 

@@ -11,6 +11,7 @@ concurrent first uses; without ``fcntl`` the rename alone is tolerant of a lost 
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import importlib.util
 import json
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cdpo.errors import UserError
+
+log = logging.getLogger(__name__)
 
 EMBEDDED_PREFIX = "embedded:"
 DEFAULT_EMBEDDED = "smollm2-135m-instruct"
@@ -110,7 +113,7 @@ def embedded_model_dir(name: str = DEFAULT_EMBEDDED) -> Path:
             return final
         _remove_orphans(final)
         gguf = gguf_path(key)
-        print(f"converting {EMBEDDED_MODELS[key].label} GGUF once -> {final} (about 30 s)", flush=True)
+        log.info(f"converting {EMBEDDED_MODELS[key].label} GGUF once -> {final} (about 30 s)")
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=final.parent))
         try:
             _convert_into(EMBEDDED_MODELS[key], gguf, tmp)

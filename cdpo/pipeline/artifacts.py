@@ -14,6 +14,7 @@ as the stage's result (later stages then see a new input and are redone).
 """
 from __future__ import annotations
 
+import logging
 import json
 import os
 import shutil
@@ -27,6 +28,8 @@ from cdpo.errors import CorruptArtifactError, SettingsConflictError, StaleInputE
 from cdpo.io import DataError, _atomic_write_text, iter_jsonl, read_jsonl, write_json, write_jsonl
 from cdpo.objectives import from_config as objective_of
 from cdpo.pipeline import identity as ident
+
+log = logging.getLogger(__name__)
 
 
 class RunPaths:
@@ -161,7 +164,7 @@ def read_marker(paths: RunPaths, stage: str) -> dict | None:
     try:
         return json.loads(marker.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):  # written atomically, so only by hand: redo the stage
-        print(f"[{stage}] {marker}: unreadable marker: the stage is redone")
+        log.warning(f"[{stage}] {marker}: unreadable marker: the stage is redone")
         return None
 
 
@@ -204,12 +207,12 @@ def finished(paths: RunPaths, stage: str, identity: dict, cfg: DictConfig) -> bo
                     "give this run its own method_dir, e.g. method_dir='${run_dir}/${method.name}-seed${seed}-lr"
                     "${align.lr}', or delete that folder")
         why = _why_other(paths, stage, cfg, marker, identity)
-        print(f"[{stage}] made from other settings or inputs ({why}): redoing it")
+        log.info(f"[{stage}] made from other settings or inputs ({why}): redoing it")
         return False
     for path in paths.artifacts(stage):
         problem = check_artifact(paths, stage, path, marker)
         if problem == "missing":
-            print(f"[{stage}] {path}: missing: redoing the stage")
+            log.warning(f"[{stage}] {path}: missing: redoing the stage")
             return False
     return True
 

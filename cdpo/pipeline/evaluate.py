@@ -1,6 +1,7 @@
 """Stage `eval`: accuracy on the held-out split, greedy (or sampled with n and pass@k), graded."""
 from __future__ import annotations
 
+import logging
 import json
 from math import comb
 from pathlib import Path
@@ -11,10 +12,12 @@ from cdpo.errors import StaleInputError
 from cdpo.generation import GenerationStats
 from cdpo.io import DataError, read_jsonl, write_json, write_jsonl
 from cdpo.objectives import from_config as objective_of
-from cdpo.pipeline import context
+from cdpo.pipeline import context, trainers
 from cdpo.pipeline.artifacts import RunPaths
 from cdpo.pipeline.identity import describe, model_identity, questions_digest
 from cdpo.pipeline.sample import generate_graded
+
+log = logging.getLogger(__name__)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -47,7 +50,7 @@ def cached_result(out: Path, signature: dict) -> dict | None:
             raise DataError(f"{out}: {len(read_jsonl(out))} predictions, {result['questions']} questions")
         return result
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, DataError, FileNotFoundError) as e:
-        print(f"[eval] {summary}: unusable cached evaluation ({str(e)[:120]}): evaluating again")
+        log.warning(f"[eval] {summary}: unusable cached evaluation ({str(e)[:120]}): evaluating again")
         return None
 
 
@@ -108,7 +111,7 @@ def run(cfg: DictConfig, paths: RunPaths) -> dict:
         write_json(own.with_suffix(".json"), {**results[cfg.method.name], "model": cfg.method.name,
                                               "config": OmegaConf.to_container(cfg, resolve=True)})
     r = results[cfg.method.name]
-    context.log_results(cfg, f"eval_{cfg.method.name}_seed{cfg.seed}", {
+    trainers.log_results(cfg, f"eval_{cfg.method.name}_seed{cfg.seed}", {
         "eval/accuracy": r["accuracy"], "eval/correct": r["correct"], "eval/questions": r["questions"],
         "eval/no_answer": r["no_answer"], "eval/per_question": per_question(own)})
     keep = ("questions", "correct", "accuracy", "no_answer", "pass_at_k")

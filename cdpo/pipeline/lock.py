@@ -8,6 +8,7 @@ other in one process, each taking and releasing the lock.
 """
 from __future__ import annotations
 
+import logging
 import contextlib
 import fcntl
 import json
@@ -18,6 +19,8 @@ import time
 from pathlib import Path
 
 from cdpo.errors import LockError
+
+log = logging.getLogger(__name__)
 
 
 def _holder(f) -> str:
@@ -44,7 +47,7 @@ def run_lock(path: Path, timeout_s: float | None = None, *, poll_s: float = 1.0)
                     raise LockError(f"{path.parent} is in use by {_holder(f)}; wait for it to finish (lock_timeout_s="
                                     f"{timeout_s}: null waits for ever), or use another run_dir") from None
                 if not told:
-                    print(f"[lock] {path.parent} is in use by {_holder(f)}: waiting for it", flush=True)
+                    log.warning(f"[lock] {path.parent} is in use by {_holder(f)}: waiting for it")
                     told = True
                 time.sleep(poll_s)
         try:

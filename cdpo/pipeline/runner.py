@@ -14,6 +14,8 @@ from cdpo.pipeline.artifacts import RunPaths
 from cdpo.pipeline.lock import run_lock
 from cdpo.validation import validate
 
+log = logging.getLogger(__name__)
+
 STAGES = ("sample", "select", "sft_pos", "sft_neg", "score", "align", "eval")
 
 
@@ -81,14 +83,14 @@ def _run_stages(cfg: DictConfig, paths: RunPaths, stages: list[str]) -> dict:
         artifacts.check_inputs(cfg, paths, stage)
         identity = artifacts.stage_identity(cfg, paths, stage)
         if stage != "eval" and artifacts.finished(paths, stage, identity, cfg):
-            print(f"[{stage}] done already ({paths.marker(stage)}): skipped")
+            log.info(f"[{stage}] done already ({paths.marker(stage)}): skipped")
             summaries[stage] = artifacts.read_marker(paths, stage)
             continue
         if source is not None and artifacts.reuse_stage(source, paths, stage, identity):
-            print(f"[{stage}] reused from {source.run} (same settings and inputs)")
+            log.info(f"[{stage}] reused from {source.run} (same settings and inputs)")
             summaries[stage] = artifacts.read_marker(paths, stage)
             continue
-        print(f"[{stage}] running")
+        log.info(f"[{stage}] running")
         L.seed_everything(stage_seed(cfg, stage), verbose=False)
         t0 = time.perf_counter()
         summary = RUNNERS[stage](cfg, paths)
@@ -98,12 +100,12 @@ def _run_stages(cfg: DictConfig, paths: RunPaths, stages: list[str]) -> dict:
         if not distributed.is_main_process():
             continue  # several training processes: global rank 0 writes the marker
         artifacts.mark_done(paths, stage, cfg, summary, identity)
-        print(f"[{stage}] finished in {timings[stage]:.0f} s: {_short(summary)}")
+        log.info(f"[{stage}] finished in {timings[stage]:.0f} s: {_short(summary)}")
     if "eval" in summaries:
-        print(results_table(summaries["eval"]["results"]))
-    print(f"artifacts: {paths.run}  (method: {paths.method})")
+        log.info(results_table(summaries["eval"]["results"]))
+    log.info(f"artifacts: {paths.run}  (method: {paths.method})")
     if timings:
-        print("wall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+        log.info("wall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     return {"stages": summaries, "seconds": timings}
 
 

@@ -1,6 +1,7 @@
 """Stages `sft_pos`, `sft_neg` (the CE models) and `align` (the preference-optimised policy)."""
 from __future__ import annotations
 
+import logging
 import hashlib
 import json
 import shutil
@@ -18,10 +19,13 @@ from cdpo.io import write_jsonl
 from cdpo.logprobs import response_logps
 from cdpo.models import add_lora, model_summary, reference_model, save_adapter
 from cdpo.modules import PairsDataModule, PreferenceModule, SequencesDataModule, SFTModule
+from cdpo.modules.callbacks import KeepBestAdapter
 from cdpo.objectives import from_config as objective_of
-from cdpo.pipeline import context
+from cdpo.pipeline import context, trainers
 from cdpo.pipeline.artifacts import RunPaths, load, stage_identity
 from cdpo.pipeline.identity import model_identity
+
+log = logging.getLogger(__name__)
 
 def _lora(peft_cfg: DictConfig) -> dict:
     if not peft_cfg.r:
@@ -35,25 +39,33 @@ def _data_kw(cfg: DictConfig, tok, batch_size: int, seed: int) -> dict:
 
 
 def _fit(cfg, name, module, datamodule, *, adapter: str, path, epochs, grad_accum=1, key: str | None = None,
-         history=None) -> dict:
+         history=None, keep_best: KeepBestAdapter | None = None, val_every: int | None = None) -> dict:
     """Fit `module`, then write its adapter `adapter` into `path` (global rank 0; gathered from every
     process's shard under FSDP / DeepSpeed). With trainer.checkpoint_every_n_steps, an interrupted fit
     resumes from its last checkpoint, kept beside `path` under a name that holds the stage's identity
     `key` (settings and input contents: a checkpoint of other settings or inputs is never resumed) and
-    removed once the adapter is written. A damaged checkpoint (a kill during its write) is discarded."""
+    removed once the adapter is written. A damaged checkpoint (a kill during its write) is discarded;
+    `ckpt_path=` names a checkpoint to resume from instead. With `keep_best` (a held-out set in the
+    datamodule, evaluated every `val_every` batches and once at the end) the best adapter is written."""
     path = Path(path)
     ckpt_dir = path.parent / f".checkpoints-{path.name}-{(key or hashlib.sha1(name.encode()).hexdigest())[:12]}"
     last = ckpt_dir / "last.ckpt"
     resume = str(last) if cfg.trainer.get("checkpoint_every_n_steps") and _usable_checkpoint(last, name) else None
-    trainer = context.make_trainer(cfg, name, epochs=epochs, grad_accum=grad_accum, checkpoint_dir=ckpt_dir,
-                                   history=history, resume_history=resume is not None)
+    resume = cfg.get("ckpt_path") or resume
+    trainer = trainers.make_trainer(cfg, name, epochs=epochs, grad_accum=grad_accum, checkpoint_dir=ckpt_dir,
+                                    history=history, resume_history=resume is not None,
+                                    callbacks=[keep_best] if keep_best else None, val_every=val_every)
     if resume:
-        print(f"[{name}] resuming from {resume}")
+        log.info(f"[{name}] resuming from {resume}")
     t0 = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        if keep_best is not None:  # the final adapter is a candidate too, then the best goes back in
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+            keep_best.restore(module)
+            log.info(f"[{name}] kept the adapter of step {keep_best.best_step}: held-out loss {keep_best.best:.4f}")
     finally:
-        context.finish_logger(trainer.logger)
+        trainers.finish_logger(trainer.logger)
     # a strategy's wrapping (and sharding): gathered from every process, a collective; one device: the model's own
     single = isinstance(trainer.strategy, SingleDeviceStrategy)
     state = None if single else distributed.trained_adapter_state(trainer)
@@ -63,11 +75,15 @@ def _fit(cfg, name, module, datamodule, *, adapter: str, path, epochs, grad_accu
             shutil.rmtree(old, ignore_errors=True)
     metrics = {k: round(float(v), 5) for k, v in trainer.callback_metrics.items()}
     if datamodule.truncation.truncated:
-        print(f"[{name}] {datamodule.truncation.truncated}/{datamodule.truncation.seen} sequences truncated to "
+        log.info(f"[{name}] {datamodule.truncation.truncated}/{datamodule.truncation.seen} sequences truncated to "
               f"max_length={cfg.data.max_length} (prompt <= {cfg.data.max_prompt_length})")
-    return {"steps": trainer.global_step, "seconds": round(time.perf_counter() - t0, 1), "final": metrics,
-            "truncated": datamodule.truncation.truncated, "records": len(datamodule.records),
-            "processes": trainer.world_size}
+    summary = {"steps": trainer.global_step, "seconds": round(time.perf_counter() - t0, 1), "final": metrics,
+               "truncated": datamodule.truncation.truncated, "records": len(datamodule.records),
+               "processes": trainer.world_size}
+    if keep_best is not None:
+        summary.update(best_step=keep_best.best_step, best_val_loss=round(keep_best.best, 5),
+                       held_out=len(datamodule.val_records))
+    return summary
 
 
 def _usable_checkpoint(last: Path, name: str) -> bool:
@@ -82,7 +98,7 @@ def _usable_checkpoint(last: Path, name: str) -> bool:
         with zipfile.ZipFile(last):
             return True
     except (zipfile.BadZipFile, OSError) as e:
-        print(f"[{name}] {last}: unreadable checkpoint ({e}), probably cut by a kill during its write: discarded, "
+        log.warning(f"[{name}] {last}: unreadable checkpoint ({e}), probably cut by a kill during its write: discarded, "
               "the fit starts over")
         last.unlink()
         return False
@@ -91,14 +107,21 @@ def _usable_checkpoint(last: Path, name: str) -> bool:
 def train_sft(cfg: DictConfig, paths: RunPaths, *, which: str) -> dict:
     """Fit the positive (which='pos') or negative (which='neg') CE model."""
     records = load(paths.positives if which == "pos" else paths.negatives)
+    ce = cfg.ce
+    holdout = ce.get("holdout") or 0  # the authors hold out the last examples and keep the best checkpoint
+    if holdout and holdout >= len(records):
+        raise ValueError(f"ce.holdout={holdout}: the {which} set has only {len(records)} examples; lower it "
+                         "(the authors' 300 assume thousands of training questions) or set ce.holdout=0")
+    train, held_out = (records[:-holdout], records[-holdout:]) if holdout else (records, [])
     tok = context.tokenizer(cfg)
     model = add_lora(context.base_model(cfg, for_training=True), which, **_lora(cfg.ce_lora))
-    ce = cfg.ce
     module = SFTModule(model, **_optim(cfg, ce))
     sizes = model_summary(model)  # before fitting: FSDP leaves each process a shard of every tensor
-    summary = _fit(cfg, f"sft_{which}", module, SequencesDataModule(records, **_data_kw(cfg, tok, ce.batch_size, ce.seed)),
-                   adapter=which, path=paths.pos_adapter if which == "pos" else paths.neg_adapter, epochs=ce.epochs,
-                   key=stage_identity(cfg, paths, f"sft_{which}")["hash"])
+    data = SequencesDataModule(train, val_records=held_out, **_data_kw(cfg, tok, ce.batch_size, ce.seed))
+    summary = _fit(cfg, f"sft_{which}", module, data, adapter=which,
+                   path=paths.pos_adapter if which == "pos" else paths.neg_adapter, epochs=ce.epochs,
+                   key=stage_identity(cfg, paths, f"sft_{which}")["hash"],
+                   keep_best=KeepBestAdapter() if holdout else None, val_every=ce.get("eval_every_n_steps"))
     return {**summary, **sizes}
 
 
@@ -141,7 +164,7 @@ def _ref_key(cfg: DictConfig, pair: dict, model_id: str) -> str:
 
 def _drop_overlong(pairs: list[dict], a: DictConfig) -> list[dict]:
     kept = drop_overlong(pairs, prompt_length=a.drop_prompt_length, length=a.drop_length)
-    print(f"[align] align.overlong=drop: {len(pairs) - len(kept)} of {len(pairs)} pairs left out (prompt >= "
+    log.warning(f"[align] align.overlong=drop: {len(pairs) - len(kept)} of {len(pairs)} pairs left out (prompt >= "
           f"{a.drop_prompt_length} or prompt + response >= {a.drop_length} tokens)")
     if not kept:
         raise ValueError(f"align.overlong=drop left no pair: every pair has a prompt of >= align.drop_prompt_length="
@@ -179,7 +202,7 @@ def train_align(cfg: DictConfig, paths: RunPaths) -> dict:
         with_ref = bool(a.precompute_ref) and objective.uses_cached_reference
         if with_ref and distributed.planned_processes(cfg.trainer) > 1:
             # every process would compute (and write) all of them: the reference runs in each step instead
-            print("[align] several processes: reference log-probs are computed in each training step "
+            log.warning("[align] several processes: reference log-probs are computed in each training step "
                   "(align.precompute_ref applies to one process)")
             with_ref = False
         if with_ref:
