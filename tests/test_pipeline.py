@@ -23,6 +23,7 @@ def _logged(caplog) -> str:
     caplog.clear()
     return text
 
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny", "data.train_limit=4", "data.test_limit=3", "sample.n=3", "sample.shard_size=2",
         "generation.max_new_tokens=8", "generation.batch_size=8", "ce.batch_size=4", "ce.shard_size=3",

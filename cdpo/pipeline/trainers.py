@@ -31,9 +31,9 @@ STAGE_TRAINER_KEYS = {"max_epochs": "ce.epochs / align.epochs", "max_steps": "th
 TRAINER_DEFAULTS = {"enable_model_summary": False, "num_sanity_val_steps": 0}
 
 
-def trainer_arguments(trainer_cfg: DictConfig) -> dict:
+def trainer_arguments(trainer_cfg: DictConfig | dict) -> dict:
     """The Trainer arguments of the `trainer` section; a key that is none names what to use instead."""
-    args = {k: v for k, v in OmegaConf.to_container(trainer_cfg, resolve=True).items() if k not in OWN_TRAINER_KEYS}
+    args = {k: v for k, v in _spec(trainer_cfg).items() if k not in OWN_TRAINER_KEYS}
     accepted = inspect.signature(L.Trainer.__init__).parameters
     for key in args:
         if key in STAGE_TRAINER_KEYS:
@@ -83,7 +83,7 @@ def make_logger(cfg: DictConfig, name: str):
         return _wandb_logger(cfg, spec, name)
     if "version" in inspect.signature(cls).parameters and spec.get("version") is None:
         spec["version"] = name  # each stage its own folder / run
-    return instantiate(spec)
+    return instantiate(spec, _convert_="all")
 
 
 def _wandb_logger(cfg: DictConfig, spec: dict, name: str):
@@ -100,7 +100,7 @@ def _wandb_logger(cfg: DictConfig, spec: dict, name: str):
                  config=OmegaConf.to_container(cfg, resolve=True), group=save_dir.name, job_type=name, id=run_id,
                  mode=mode)  # explicit: after an earlier run in this process (an eval's log_results, a
     # multirun's previous job) `offline` alone no longer kept wandb offline
-    return instantiate({**spec, **{k: v for k, v in stage.items() if spec.get(k) is None}})
+    return instantiate({**spec, **{k: v for k, v in stage.items() if spec.get(k) is None}}, _convert_="all")
 
 
 def _new_wandb_id() -> str:
@@ -135,7 +135,7 @@ def make_callbacks(cfg: DictConfig) -> list:
         if not isinstance(node, dict) or not node.get("_target_"):
             raise ConfigError(f"callbacks.{key}: needs _target_ (a Lightning callback class) and its arguments")
         try:
-            out.append(instantiate(node))
+            out.append(instantiate(node, _convert_="all"))
         except Exception as e:
             raise ConfigError(f"callbacks.{key} ({node['_target_']}): {e.__cause__ or e}") from None
     return out
