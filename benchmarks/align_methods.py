@@ -47,25 +47,30 @@ def main() -> None:
           f"responses ~{len(pairs[0]['chosen_ids'])} tokens, {torch.get_num_threads()} threads")
     print("| method | s / micro-batch | align estimate for the embedded default (s) |")
     print("|---|---|---|")
-    for method in ("sft", "dpo", "tokendpo", "rpo", "cdpo"):
+    from cdpo.objectives import REGISTRY
+
+    for method, cls in REGISTRY.items():
+        objective = cls()
+        if objective.trains_on == "nothing":
+            continue
         mcfg = default_cfg(f"method={method}")
         torch.manual_seed(0)
         policy = add_lora(context.base_model(mcfg, for_training=True), "policy", **_lora(mcfg.peft))
         policy.train()
         params = [p for p in policy.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=mcfg.align.lr)
-        module = None if method == "sft" else preference_module(mcfg, policy)
+        module = None if objective.trains_on == "positives" else preference_module(mcfg, policy)
         times = []
         for i in range(args.steps + 1):
             items = pairs[i * bs:(i + 1) * bs]
             t0 = time.perf_counter()
-            if method == "sft":
+            if objective.trains_on == "positives":
                 batch = collate_sequences([{"prompt_ids": it["prompt_ids"], "response_ids": it["chosen_ids"]}
                                            for it in items], pad_id=tok.pad_token_id)
                 loss, _ = sft_loss(response_logps(policy, batch), batch["mask"])
             else:
-                batch = collate_pairs(items, pad_id=tok.pad_token_id, with_weights=method == "cdpo",
-                                      with_ref=method != "tokendpo")
+                batch = collate_pairs(items, pad_id=tok.pad_token_id, with_weights=objective.needs_scores,
+                                      with_ref=objective.uses_cached_reference)
                 loss, _ = module.compute_loss(batch)
             loss.backward()
             opt.step()

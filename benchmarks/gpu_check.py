@@ -170,6 +170,7 @@ def check_memory(args, out: Path, trainer: str, peft: str) -> dict:
     from cdpo.memory import Arch, plan, total_gib
     from cdpo.models import add_lora
     from cdpo.modules import PairsDataModule, PreferenceModule
+    from cdpo.objectives import build
     from cdpo.pipeline import context
     from cdpo.pipeline.training import _fit
 
@@ -196,7 +197,7 @@ def check_memory(args, out: Path, trainer: str, peft: str) -> dict:
                       dropout=0.0, target_modules=list(cfg.peft.target_modules))
     arch = Arch.from_hf_config(policy.get_base_model().config, cfg.model.name)
     pairs = _pairs(2 * steps, prompt, response, arch.vocab)
-    module = PreferenceModule(policy, method="cdpo", lr=1e-4)
+    module = PreferenceModule(policy, build("cdpo"), lr=1e-4)
     dm = PairsDataModule(pairs, pad_id=0, batch_size=2, shuffle=False, with_weights=True,
                          max_length=prompt + response, max_prompt_length=prompt)
     t0 = time.perf_counter()
