@@ -4,7 +4,6 @@ import json
 import logging
 import subprocess
 import sys
-import time
 
 import lightning as L
 import pytest
@@ -72,11 +71,10 @@ def test_trainer_arguments_logger_and_callbacks_come_from_config(prepared):
     ("ckpt_path=/nonexistent.ckpt", "ckpt_path='/nonexistent.ckpt': a checkpoint of the one training stage"),
 ])
 def test_bad_extension_settings_are_named_before_any_work(tmp_path, override, message):
-    t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(REPO / "train.py"), *TINY, f"run_dir={tmp_path}/run", override,
                            f"hydra.run.dir={tmp_path}/h"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
-    assert time.perf_counter() - t0 < 10 and not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists()  # refused before any work (no run directory, no model loaded)
     with pytest.raises(ConfigError, match="trainer.max_epochs"):
         trainers.trainer_arguments({"max_epochs": 3})
 
