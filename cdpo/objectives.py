@@ -94,9 +94,6 @@ class Objective:
     def loss(self, batch: PairLogps) -> tuple[torch.Tensor, Metrics]:
         raise NotImplementedError(f"{type(self).__name__} trains on {self.trains_on}, not on preference pairs")
 
-    def settings(self) -> dict:
-        return dataclasses.asdict(self)
-
 
 def above(low: float) -> dict:
     """Field metadata: a number > low."""

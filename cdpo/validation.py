@@ -201,11 +201,14 @@ def method_problems(cfg: dict) -> list[str]:
 
 
 def _trains(c: _Checker) -> bool:
-    """Whether the method trains anything (the baseline does not: its LoRA and data settings do not matter)."""
-    from cdpo.objectives import REGISTRY
+    """Whether the method's objective class trains anything (the baseline does not: its LoRA and data
+    settings do not matter). A target that cannot be imported counts as training; method_problems says why."""
+    from hydra.utils import get_class
 
-    cls = REGISTRY.get(c.get("method.name", None))
-    return cls is None or cls.trains_on != "nothing"
+    try:
+        return get_class(c.get("method._target_", None)).trains_on != "nothing"
+    except Exception:
+        return True
 
 
 def problems(cfg: DictConfig | dict, *, training: bool = True) -> list[str]:

@@ -141,16 +141,21 @@ def _signature_of(config: dict, stage: str) -> dict:
 METHOD_KEYS = ("method", "peft", "align", "seed", "loss_impl")
 
 
+def align_input(paths: RunPaths, objective) -> tuple[str, Path] | None:
+    """(upstream stage, file) the align stage trains `objective` on: the scored pairs when it needs CE
+    scores, the positives (SFT), the pairs, or nothing (the baseline)."""
+    if objective.trains_on == "nothing":
+        return None
+    if objective.trains_on == "positives":
+        return "select", paths.positives
+    return ("score", paths.scored_pairs) if objective.needs_scores else ("select", paths.pairs)
+
+
 def input_files(cfg: DictConfig, paths: RunPaths, stage: str) -> list[tuple[str, Path]]:
-    """(upstream stage, file) that `stage` reads. What align reads is what the objective trains on:
-    the scored pairs when it needs CE scores, the positives (SFT), the pairs, or nothing (the baseline)."""
+    """(upstream stage, file) that `stage` reads."""
     objective = objective_of(cfg.method)
     if stage == "align":
-        if objective.trains_on == "nothing":
-            return []  # the baseline trains nothing (train_align says so)
-        if objective.trains_on == "positives":
-            return [("select", paths.positives)]
-        return [("score", paths.scored_pairs)] if objective.needs_scores else [("select", paths.pairs)]
+        return [x for x in [align_input(paths, objective)] if x]
     return {"sample": [], "select": [("sample", paths.trajectories)], "sft_pos": [("select", paths.positives)],
             "sft_neg": [("select", paths.negatives)],
             "score": [("select", paths.pairs), ("sft_pos", paths.pos_adapter), ("sft_neg", paths.neg_adapter)],

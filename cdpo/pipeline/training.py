@@ -22,7 +22,7 @@ from cdpo.modules import PairsDataModule, PreferenceModule, SequencesDataModule,
 from cdpo.modules.callbacks import KeepBestAdapter
 from cdpo.objectives import from_config as objective_of
 from cdpo.pipeline import context, trainers
-from cdpo.pipeline.artifacts import RunPaths, load, stage_identity
+from cdpo.pipeline.artifacts import RunPaths, align_input, load, stage_identity
 from cdpo.pipeline.identity import model_identity
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def _fit(cfg, name, module, datamodule, *, adapter: str, path, epochs, grad_accu
     metrics = {k: round(float(v), 5) for k, v in trainer.callback_metrics.items()}
     if datamodule.truncation.truncated:
         log.info(f"[{name}] {datamodule.truncation.truncated}/{datamodule.truncation.seen} sequences truncated to "
-              f"max_length={cfg.data.max_length} (prompt <= {cfg.data.max_prompt_length})")
+                 f"max_length={cfg.data.max_length} (prompt <= {cfg.data.max_prompt_length})")
     summary = {"steps": trainer.global_step, "seconds": round(time.perf_counter() - t0, 1), "final": metrics,
                "truncated": datamodule.truncation.truncated, "records": len(datamodule.records),
                "processes": trainer.world_size}
@@ -99,7 +99,7 @@ def _usable_checkpoint(last: Path, name: str) -> bool:
             return True
     except (zipfile.BadZipFile, OSError) as e:
         log.warning(f"[{name}] {last}: unreadable checkpoint ({e}), probably cut by a kill during its write: discarded, "
-              "the fit starts over")
+                    "the fit starts over")
         last.unlink()
         return False
 
@@ -165,7 +165,7 @@ def _ref_key(cfg: DictConfig, pair: dict, model_id: str) -> str:
 def _drop_overlong(pairs: list[dict], a: DictConfig) -> list[dict]:
     kept = drop_overlong(pairs, prompt_length=a.drop_prompt_length, length=a.drop_length)
     log.warning(f"[align] align.overlong=drop: {len(pairs) - len(kept)} of {len(pairs)} pairs left out (prompt >= "
-          f"{a.drop_prompt_length} or prompt + response >= {a.drop_length} tokens)")
+                f"{a.drop_prompt_length} or prompt + response >= {a.drop_length} tokens)")
     if not kept:
         raise ValueError(f"align.overlong=drop left no pair: every pair has a prompt of >= align.drop_prompt_length="
                          f"{a.drop_prompt_length} tokens or a prompt + response of >= align.drop_length={a.drop_length}")
@@ -192,18 +192,19 @@ def train_align(cfg: DictConfig, paths: RunPaths) -> dict:
     a = cfg.align
     policy = add_lora(context.base_model(cfg, for_training=True), "policy", **_lora(cfg.peft))
     kw = _data_kw(cfg, tok, a.batch_size, cfg.seed)
+    _, records = align_input(paths, objective)
     if objective.trains_on == "positives":
         module = SFTModule(policy, **_optim(cfg, cfg.align))
-        dm = SequencesDataModule(load(paths.positives), **kw)
+        dm = SequencesDataModule(load(records), **kw)
     else:
-        pairs = load(paths.scored_pairs if objective.needs_scores else paths.pairs)
+        pairs = load(records)
         if a.get("overlong", "truncate") == "drop":
             pairs = _drop_overlong(pairs, a)
         with_ref = bool(a.precompute_ref) and objective.uses_cached_reference
         if with_ref and distributed.planned_processes(cfg.trainer) > 1:
             # every process would compute (and write) all of them: the reference runs in each step instead
             log.warning("[align] several processes: reference log-probs are computed in each training step "
-                  "(align.precompute_ref applies to one process)")
+                        "(align.precompute_ref applies to one process)")
             with_ref = False
         if with_ref:
             for pair, ref in zip(pairs, reference_logps(cfg, paths, pairs, tok, policy)):
