@@ -50,3 +50,17 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, resamples: int =
     tail = min(int((means <= 0).sum()), int((means >= 0).sum()))
     return {"delta": float(d.mean()), "ci_low": float(low), "ci_high": float(high),
             "p": min(1.0, 2 * (tail + 1) / (resamples + 1))}
+
+
+def paired_sample_size(discordant: float, delta: float, *, alpha: float = 0.05, power: float = 0.8) -> int:
+    """Questions a paired comparison of two methods needs to detect an accuracy difference `delta` with a
+    two-sided test at level `alpha` and the given power, when a share `discordant` of the questions is
+    solved by exactly one of the two (Connor 1987, the normal approximation to McNemar's test):
+    n = (z_{1-alpha/2} sqrt(psi) + z_{power} sqrt(psi - delta^2))^2 / delta^2, psi the discordant share."""
+    if not 0 < abs(delta) <= discordant <= 1:
+        raise ValueError(f"need 0 < |delta| <= discordant <= 1, got delta={delta}, discordant={discordant}")
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf
+    root = z(1 - alpha / 2) * discordant ** 0.5 + z(power) * (discordant - delta ** 2) ** 0.5
+    return int(np.ceil(root ** 2 / delta ** 2))
