@@ -215,7 +215,6 @@ def test_pipeline_on_user_preferences_cdpo_and_dpo(tmp_path, caplog, tok):
     assert [s["rejected_ids"] for s in scored] == [p["rejected_ids"] for p in pairs]
     for adapter in (paths.pos_adapter, paths.neg_adapter, paths.aligned_adapter):
         assert (adapter / "adapter_model.safetensors").exists()
-    assert_loads_as_datasets(paths.run, expect=("bad_rows.jsonl", "pairs.jsonl", "scored_pairs.jsonl"))
 
     # DPO on the same pairs (reused: no CE model, no scores), evaluated on questions of another source
     dpo = _pref_cfg(tmp_path, path, "method=dpo", "data.eval_source=arith")
@@ -228,6 +227,8 @@ def test_pipeline_on_user_preferences_cdpo_and_dpo(tmp_path, caplog, tok):
     [first, *_] = read_jsonl(paths.eval_file("base"))
     assert first["prompt"] == tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                                       add_generation_prompt=True)
+    assert_loads_as_datasets(paths.run, expect=("bad_rows.jsonl", "pairs.jsonl", "scored_pairs.jsonl",
+                                                "eval/base.jsonl", "dpo-seed0/eval.jsonl"))
 
 
 def test_the_users_file_keys_the_imported_pairs(tmp_path, caplog):
