@@ -16,6 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from cdpo.data.preferences import FIELDS as PREFERENCE_FIELDS, PROMPT_FORMATS, is_preference_data, path_kind
+from cdpo.data.sources import DEFAULT_FIELDS as QUESTION_FIELDS
 from cdpo.errors import ConfigError
 
 STAGES = ("all", "sample", "select", "sft_pos", "sft_neg", "score", "align", "eval")
@@ -106,17 +108,78 @@ def _model(c: _Checker) -> None:
     c.boolean("model.gradient_checkpointing")
 
 
+def _source(c: _Checker, key: str) -> None:
+    source = c.get(key, None)
+    if not isinstance(source, str) or not (source in SOURCES or source.startswith(("jsonl:", "hf:"))):
+        c.bad(key, f"one of {', '.join(SOURCES)}, jsonl:<path> or hf:<dataset_id>")
+    elif source.startswith("jsonl:") and not Path(source[len("jsonl:"):]).is_file():
+        c.bad(key, f"jsonl:<path> of an existing file ({source[len('jsonl:'):]}: no such file)")
+
+
+def _fields(c: _Checker, key: str, known, sources: list) -> None:
+    """A field mapping {field: the record's key}: known fields, string keys, and a source that takes one."""
+    fields = c.get(key, None)
+    if fields is None:
+        return
+    if not isinstance(fields, dict) or not all(isinstance(v, str) and v for v in fields.values()):
+        return c.bad(key, f"a mapping of {', '.join(known)} to the records' keys (strings)")
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        c.bad(key, f"keys among {', '.join(known)} (unknown: {', '.join(map(str, unknown))})")
+    if sources is not None and not any(isinstance(s, str) and s.startswith(("jsonl:", "hf:")) for s in sources):
+        c.bad(key, "a mapping for a jsonl:<path> or hf:<dataset_id> source; this source has a fixed layout")
+
+
+def _lengths(c: _Checker) -> None:
+    c.number("data.max_new_tokens", low=1, integer=True)
+    c.number("data.max_length", low=2, integer=True)
+    c.number("data.max_prompt_length", low=1, integer=True)
+    length, prompt = c.get("data.max_length", None), c.get("data.max_prompt_length", None)
+    if isinstance(length, int) and isinstance(prompt, int) and prompt >= length:
+        c.bad("data.max_prompt_length", f"an integer < data.max_length ({length}): responses need room")
+
+
+def _preference_data(c: _Checker, training: bool) -> None:
+    """data=preference: the user's rows (path, fields, prompt format) and an optional eval source."""
+    d, stage = "data", c.get("stage", "all")
+    if training:
+        path = c.get(f"{d}.path", None)
+        if not isinstance(path, str) or not path:
+            c.bad(f"{d}.path", "your preference data: a .jsonl/.json or .parquet file, a folder written by datasets' "
+                               "save_to_disk, or hf:<dataset_id>")
+        else:
+            try:
+                path_kind(path)
+            except ValueError as e:
+                c.bad(f"{d}.path", str(e))
+    if stage == "sample":
+        c.bad("stage", "a stage other than sample: preference data is not sampled (stage=select reads its rows)")
+    _fields(c, f"{d}.fields", PREFERENCE_FIELDS, None)
+    c.choice(f"{d}.prompt_format", PROMPT_FORMATS)
+    template = c.get(f"{d}.prompt_template", None)
+    if c.get(f"{d}.prompt_format", None) == "plain" and not (isinstance(template, str) and "{prompt}" in template):
+        c.bad(f"{d}.prompt_template", "a string with {prompt} in it (where the prompt text goes)")
+    if c.get(f"{d}.eval_source", None) is not None:
+        _source(c, f"{d}.eval_source")
+        _fields(c, f"{d}.eval_fields", tuple(QUESTION_FIELDS), [c.get(f"{d}.eval_source", None)])
+    elif stage == "eval" or not _trains(c):
+        c.bad(f"{d}.eval_source", "a source of questions with answers (arith, gsm8k, math500, jsonl:<path>, "
+                                  "hf:<id>): preference data has no gold answers to evaluate with")
+    c.choice(f"{d}.grading", GRADING_POLICIES)
+    c.number(f"{d}.train_limit", low=1, integer=True, optional=True)
+    c.number(f"{d}.test_limit", low=1, integer=True, optional=True)
+    _lengths(c)
+
+
 def _data(c: _Checker, training: bool) -> None:
     d = "data"
+    if is_preference_data(c.get(d, None)):
+        return _preference_data(c, training)
     for key in (f"{d}.source", f"{d}.train_source"):
-        source = c.get(key, None)
-        if source is None and key.endswith("train_source"):
-            continue
-        if not isinstance(source, str) or not (source in SOURCES or source.startswith(("jsonl:", "hf:"))):
-            c.bad(key, f"one of {', '.join(SOURCES)}, jsonl:<path> or hf:<dataset_id>")
-        elif source.startswith("jsonl:") and not Path(source[len("jsonl:"):]).is_file():
-            c.bad(key, f"jsonl:<path> of an existing file ({source[len('jsonl:'):]}: no such file)")
+        if c.get(key, None) is not None or key.endswith(".source"):
+            _source(c, key)
     source = c.get(f"{d}.source", None)
+    _fields(c, f"{d}.fields", tuple(QUESTION_FIELDS), [source, c.get(f"{d}.train_source", None)])
     # training questions are read only when sampling (the baseline and stage=eval need none)
     samples = training and c.get("stage", "all") in ("all", "sample") and _trains(c)
     for split_key in (f"{d}.train_split", f"{d}.test_split"):
@@ -135,12 +198,7 @@ def _data(c: _Checker, training: bool) -> None:
     c.number(f"{d}.train_n_shot", low=0, integer=True, optional=True)
     c.boolean(f"{d}.strip_prompt")
     c.choice(f"{d}.grading", GRADING_POLICIES)
-    c.number(f"{d}.max_new_tokens", low=1, integer=True)
-    c.number(f"{d}.max_length", low=2, integer=True)
-    c.number(f"{d}.max_prompt_length", low=1, integer=True)
-    length, prompt = c.get(f"{d}.max_length", None), c.get(f"{d}.max_prompt_length", None)
-    if isinstance(length, int) and isinstance(prompt, int) and prompt >= length:
-        c.bad(f"{d}.max_prompt_length", f"an integer < data.max_length ({length}): responses need room")
+    _lengths(c)
 
 
 def _trainer(c: _Checker) -> None:

@@ -145,6 +145,29 @@ def test_hf_unreachable_hub_gives_clear_error(monkeypatch):
         load_problems("hf:openai/gsm8k:main", "test")
 
 
+def test_config_field_mapping_reaches_a_jsonl_source(tmp_path):
+    """`+data.fields.question=problem` maps the training questions of a jsonl: source (it used to be ignored:
+    "missing field 'question'"); an unknown key, or a mapping for a fixed-layout source, is refused at start-up."""
+    from cdpo.errors import ConfigError
+    from cdpo.io import read_jsonl
+    from cdpo.pipeline import run_pipeline
+    from cdpo.validation import validate
+    from test_pipeline import _cfg
+
+    path = _write(tmp_path / "mine.jsonl", [json.dumps({"problem": f"What is {a} + 2?", "answer": str(a + 2)})
+                                            for a in range(3)])
+    source = [f"data.source=jsonl:{path}", "data.train_split=train", "data.test_split=train", "data.n_shot=0"]
+    cfg = _cfg(tmp_path / "run", *source, "+data.fields.question=problem", "stage=sample")
+    validate(cfg)
+    run_pipeline(cfg)
+    assert [r["question"] for r in read_jsonl(tmp_path / "run" / "trajectories.jsonl")] == [
+        f"What is {a} + 2?" for a in range(3)]
+    with pytest.raises(ConfigError, match=r"data.fields=.*keys among question, answer, id, solution \(unknown: questoin\)"):
+        validate(_cfg(tmp_path / "run", *source, "+data.fields.questoin=problem"))
+    with pytest.raises(ConfigError, match="data.fields=.*this source has a fixed layout"):
+        validate(_cfg(tmp_path / "run", "+data.fields.question=problem"))
+
+
 # ---------------------------------------------------------------- arith
 
 _EQ = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")

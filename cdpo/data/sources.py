@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlparse
 
+from ..errors import UserError
 from ..io import DataError, iter_jsonl
 from . import arith
 from .records import Problem
@@ -120,10 +121,17 @@ def _load_jsonl(path_str: str, split: str, fields: dict | None) -> list[Problem]
             for lineno, rec in iter_jsonl(path)]
 
 
-def _hub_unreachable(dataset_id: str, why: str) -> RuntimeError:
-    return RuntimeError(f"hf:{dataset_id}: the Hugging Face hub is unreachable ({why}). On a machine that is online, "
-                        f"export the split to JSONL (e.g. datasets.load_dataset(...).to_json('x.jsonl')) and use "
-                        f"source 'jsonl:<path>' with the same `fields` mapping.")
+_JSONL_HINT = "use source 'jsonl:<path>' with the same `fields` mapping"
+
+
+class HubUnreachableError(UserError, RuntimeError):
+    """No hub to load a dataset from (offline, or no connection): one line with what to use instead."""
+
+
+def _hub_unreachable(dataset_id: str, why: str, hint: str = _JSONL_HINT) -> HubUnreachableError:
+    return HubUnreachableError(f"hf:{dataset_id}: the Hugging Face hub is unreachable ({why}). On a machine that is "
+                               f"online, export the split to JSONL (e.g. datasets.load_dataset(...).to_json('x.jsonl')) "
+                               f"and {hint}.")
 
 
 def _offline_env() -> bool:
@@ -152,25 +160,31 @@ def _hub_reachable(timeout: float = _HUB_PROBE_TIMEOUT_S) -> bool:
     return bool(ok)
 
 
-def _load_hf(spec: str, split: str, fields: dict | None) -> list[Problem]:
+def load_hub_dataset(spec: str, split: str, *, hint: str = _JSONL_HINT):
+    """One split of a hub dataset `<dataset_id>[:<config>]`; offline or unreachable: one clear line with `hint`
+    (what to use instead), rather than a long wait and a traceback."""
     dataset_id, _, config = spec.partition(":")
     if not dataset_id:
         raise ValueError("hf source needs a dataset id: 'hf:<dataset_id>[:<config>]'")
-    fields = _resolve_fields(fields)
     import datasets
 
     if _offline_env():
         # datasets reads the offline flag at import; if it was imported before the flag was set,
         # it would still go to the network, so only a truly offline datasets may try its cache.
         if not (datasets.config.HF_HUB_OFFLINE or datasets.config.HF_DATASETS_OFFLINE):
-            raise _hub_unreachable(dataset_id, "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set")
+            raise _hub_unreachable(dataset_id, "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set", hint)
     elif not _hub_reachable():
-        raise _hub_unreachable(dataset_id, "no connection within a few seconds")
+        raise _hub_unreachable(dataset_id, "no connection within a few seconds", hint)
     try:
-        ds = datasets.load_dataset(dataset_id, config or None, split=split)
+        return datasets.load_dataset(dataset_id, config or None, split=split)
     except ConnectionError as e:  # includes offline mode with nothing cached
-        raise _hub_unreachable(dataset_id, str(e)) from None
-    name = dataset_id.rsplit("/", 1)[-1]
+        raise _hub_unreachable(dataset_id, str(e), hint) from None
+
+
+def _load_hf(spec: str, split: str, fields: dict | None) -> list[Problem]:
+    fields = _resolve_fields(fields)
+    ds = load_hub_dataset(spec, split)
+    name = spec.partition(":")[0].rsplit("/", 1)[-1]
     return [_record_to_problem(rec, fields, f"{name}-{split}-{i:05d}", f"hf:{spec}[{split}][{i}]")
             for i, rec in enumerate(ds)]
 

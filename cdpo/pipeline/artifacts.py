@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from cdpo import signals
+from cdpo.data.preferences import IMPORT_SETTINGS, hub_fingerprint, is_preference_data
 from cdpo.errors import CorruptArtifactError, SettingsConflictError, StaleInputError
 from cdpo.io import DataError, _atomic_write_text, iter_jsonl, read_jsonl, write_json, write_jsonl
 from cdpo.objectives import from_config as objective_of
@@ -36,12 +37,14 @@ class RunPaths:
     def __init__(self, cfg: DictConfig):
         self.run = Path(cfg.run_dir)
         self.method = Path(cfg.method_dir)
+        self.preference = is_preference_data(cfg.get("data"))  # select imports the user's rows
 
     # shared by every method and seed
     trajectories = property(lambda s: s.run / "trajectories.jsonl")
     positives = property(lambda s: s.run / "positives.jsonl")
     negatives = property(lambda s: s.run / "negatives.jsonl")
     pairs = property(lambda s: s.run / "pairs.jsonl")
+    bad_rows = property(lambda s: s.run / "bad_rows.jsonl")  # preference rows left out, and why
     scored_pairs = property(lambda s: s.run / "scored_pairs.jsonl")
     ref_logps = property(lambda s: s.run / "ref_logps.jsonl")
     pos_adapter = property(lambda s: s.run / "adapters" / "pos")
@@ -74,9 +77,14 @@ class RunPaths:
 
     def artifacts(self, stage: str) -> list[Path]:
         """What a stage writes (what its marker describes and `reuse_stage` carries over)."""
-        return {"sample": [self.trajectories], "select": [self.positives, self.negatives, self.pairs],
+        select = [self.positives, self.negatives, self.pairs] + ([self.bad_rows] if self.preference else [])
+        return {"sample": [self.trajectories], "select": select,
                 "sft_pos": [self.pos_adapter], "sft_neg": [self.neg_adapter], "score": [self.scored_pairs],
                 "align": [self.aligned_adapter], "eval": []}[stage]
+
+    def optional(self, path: Path) -> bool:
+        """An artifact written only when there is something in it (an empty JSONL file is no dataset)."""
+        return path == self.bad_rows
 
     def name(self, path: Path) -> str:
         """A path as its marker names it: relative to the marker's folder."""
@@ -130,6 +138,10 @@ def stage_signature(cfg: DictConfig, stage: str) -> dict:
 def _signature_of(config: dict, stage: str) -> dict:
     keys = sorted({k for s in _ORDER[:_ORDER.index(stage) + 1] for k in STAGE_INPUTS[s]})
     signature = {k: config.get(k) for k in keys}
+    if is_preference_data(config.get("data")):  # nothing is sampled; eval-only data settings key no stage
+        signature = {k: v for k, v in signature.items() if k not in ("sample", "generation")}
+        if "data" in signature:
+            signature["data"] = {k: v for k, v in signature["data"].items() if k in IMPORT_SETTINGS}
     for dotted in STAGE_IGNORES.get(stage, ()):
         section, key = dotted.split(".")
         if isinstance(signature.get(section), dict):
@@ -156,7 +168,8 @@ def input_files(cfg: DictConfig, paths: RunPaths, stage: str) -> list[tuple[str,
     objective = objective_of(cfg.method)
     if stage == "align":
         return [x for x in [align_input(paths, objective)] if x]
-    return {"sample": [], "select": [("sample", paths.trajectories)], "sft_pos": [("select", paths.positives)],
+    select = [] if paths.preference else [("sample", paths.trajectories)]  # the user's rows: stage_identity
+    return {"sample": [], "select": select, "sft_pos": [("select", paths.positives)],
             "sft_neg": [("select", paths.negatives)],
             "score": [("select", paths.pairs), ("sft_pos", paths.pos_adapter), ("sft_neg", paths.neg_adapter)],
             "eval": [] if objective.trains_on == "nothing" else [("align", paths.aligned_adapter)]}[stage]
@@ -182,6 +195,14 @@ def input_digest(paths: RunPaths, stage: str, path: Path) -> str | None:
     return ident.describe(path)["sha256"] if path.exists() else None
 
 
+def preferences_digest(data: DictConfig) -> str:
+    """The user's preference rows by content: a file's or a save_to_disk folder's sha256, a hub dataset's
+    fingerprint."""
+    if data.path.startswith("hf:"):
+        return ident.text_digest([data.path, data.split, hub_fingerprint(data.path, data.split)])
+    return ident.describe(Path(data.path).expanduser())["sha256"]
+
+
 def stage_identity(cfg: DictConfig, paths: RunPaths, stage: str, *, questions: str | None = None) -> dict:
     """What `stage`'s artifact is made of: its settings (and its inputs' settings), its inputs' content
     hashes, the base model's identity and, for sample, the training questions' digest."""
@@ -192,6 +213,8 @@ def stage_identity(cfg: DictConfig, paths: RunPaths, stage: str, *, questions: s
 
             questions = ident.questions_digest(context.problems(cfg, cfg.data.train_split, cfg.data.train_limit))
         inputs["questions"] = questions
+    if stage == "select" and paths.preference:  # the user's rows, by content (an edited file redoes select)
+        inputs["preferences"] = preferences_digest(cfg.data)
     inputs["model"] = ident.model_identity(cfg.model)
     settings = stage_signature(cfg, stage) if stage in STAGE_INPUTS else {}
     return {"hash": ident.text_digest([stage, settings, inputs])[:16], "inputs": inputs}
@@ -215,11 +238,18 @@ def finished(paths: RunPaths, stage: str, identity: dict, cfg: DictConfig) -> bo
         log.info(f"[{stage}] made from other settings or inputs ({why}): redoing it")
         return False
     for path in paths.artifacts(stage):
-        problem = check_artifact(paths, stage, path, marker)
-        if problem == "missing":
+        if _missing(paths, stage, path, marker):
             log.warning(f"[{stage}] {path}: missing: redoing the stage")
             return False
     return True
+
+
+def _missing(paths: RunPaths, stage: str, path: Path, marker: dict) -> bool:
+    """Whether an artifact of a finished stage is gone (checking the others against the marker): an optional
+    one that its marker does not list was never written."""
+    if check_artifact(paths, stage, path, marker) != "missing":
+        return False
+    return not paths.optional(path) or paths.name(path) in (marker.get("artifacts") or {})
 
 
 def _why_other(paths: RunPaths, stage: str, cfg: DictConfig, marker: dict, identity: dict) -> str:
@@ -262,6 +292,11 @@ def check_inputs(cfg: DictConfig, paths: RunPaths, stage: str) -> None:
             raise StaleInputError(
                 f"{path} was made with other settings ({'; '.join(changed[:4])}): running {stage} on it would mix "
                 f"them with this run's; run stage={up} first, or stage=all")
+        if up == "select" and paths.preference:  # an edited preference file: its rows are no longer these
+            imported = ((marker.get("identity") or {}).get("inputs") or {}).get("preferences")
+            if imported != preferences_digest(cfg.data):
+                raise StaleInputError(f"{path} was imported from other contents of {cfg.data.path}: run stage=select "
+                                      "first, or stage=all")
         if check_artifact(paths, up, path, marker) == "missing":
             raise StaleInputError(f"{path}: missing: run stage={up} first, or stage=all")
 
@@ -277,7 +312,7 @@ def reuse_stage(source: RunPaths, paths: RunPaths, stage: str, identity: dict) -
     if marker is None or marker.get("identity", {}).get("hash") != identity["hash"]:
         return False
     for src in source.artifacts(stage):
-        if check_artifact(source, stage, src, marker) == "missing":
+        if _missing(source, stage, src, marker):
             return False
     for src in source.artifacts(stage):
         dst = paths.run / src.relative_to(source.run)
@@ -286,6 +321,8 @@ def reuse_stage(source: RunPaths, paths: RunPaths, stage: str, identity: dict) -
             shutil.rmtree(dst)
         elif dst.exists():
             dst.unlink()
+        if not src.exists():  # an optional artifact that was not written
+            continue
         if src.is_dir():
             shutil.copytree(src, dst)
         else:

@@ -10,6 +10,8 @@ from omegaconf import DictConfig
 
 from cdpo import distributed
 from cdpo.data import arith_exemplars, build_prompt, load_exemplars, load_problems, stop_strings
+from cdpo.data.preferences import is_preference_data, render_prompt
+from cdpo.errors import ConfigError
 from cdpo.models import load_adapter, load_model, load_tokenizer, tiny_llama_like_embedded
 
 TINY = "tiny:llama"
@@ -81,18 +83,37 @@ def tokenizer(cfg: DictConfig):
 
 
 def problems(cfg: DictConfig, split: str, limit) -> list:
+    """Questions with gold answers: the data source's (with preference data, data.eval_source's), mapped
+    by data.fields (data.eval_fields) when it is a jsonl: or hf: source."""
     d = cfg.data
-    source = d.source
-    if split == d.train_split and d.get("train_source"):
-        source = d.train_source
+    if is_preference_data(d):
+        source, fields = d.get("eval_source"), d.get("eval_fields")
+        if not source:
+            raise ConfigError("data=preference has no questions with answers: set data.eval_source (e.g. gsm8k, "
+                              "arith or jsonl:<path>) to evaluate")
+    else:
+        source, fields = d.source, d.get("fields")
+        if split == d.train_split and d.get("train_source"):
+            source = d.train_source
     task = dict(d.get("task") or {}) if source == "arith" else {}
-    return load_problems(source, split, limit=limit, **task)
+    fields = dict(fields) if fields and source.startswith(("jsonl:", "hf:")) else None
+    return load_problems(source, split, limit=limit, fields=fields, **task)
+
+
+def chat_prompts(cfg: DictConfig) -> bool:
+    """Whether prompts come from the tokenizer's chat template (which carries its own special tokens)."""
+    d = cfg.data
+    return (d.prompt_format if is_preference_data(d) else d.prompt_style) == "chat"
 
 
 def prompt_of(cfg: DictConfig, tok, question: str, *, for_training: bool = False) -> str:
     """The prompt sample and eval generate after (data.n_shot exemplars); `for_training`: the one
-    the CE models and the policy are trained and scored with (data.train_n_shot, when set)."""
+    the CE models and the policy are trained and scored with (data.train_n_shot, when set). With
+    preference data: the question in the data's own prompt format."""
     d = cfg.data
+    if is_preference_data(d):
+        return render_prompt(question, tok, prompt_format=d.prompt_format,
+                             template=d.get("prompt_template") or "{prompt}")
     n_shot = d.n_shot if not for_training or d.get("train_n_shot") is None else d.train_n_shot
     exemplars, name = None, d.get("exemplars")
     if name == "arith":  # the task's own worked examples instead of GSM8K's
@@ -110,8 +131,11 @@ def separate_training_prompt(cfg: DictConfig) -> bool:
 
 def prompt_ids(cfg: DictConfig, tok, prompt: str) -> list[int]:
     # chat templates carry their own special tokens; plain prompts get the tokenizer's BOS if any
-    return tok(prompt, add_special_tokens=cfg.data.prompt_style != "chat")["input_ids"]
+    return tok(prompt, add_special_tokens=not chat_prompts(cfg))["input_ids"]
 
 
 def stops(cfg: DictConfig) -> list[str]:
-    return list(cfg.data.stop) if cfg.data.get("stop") else stop_strings(cfg.data.prompt_style)
+    if cfg.data.get("stop"):
+        return list(cfg.data.stop)
+    # preference data: the end of the turn (EOS) ends an answer, as in the chosen responses
+    return [] if is_preference_data(cfg.data) else stop_strings(cfg.data.prompt_style)

@@ -8,6 +8,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from cdpo import distributed, signals
+from cdpo.data.preferences import is_preference_data
 from cdpo.objectives import from_config as objective_of
 from cdpo.pipeline import artifacts, evaluate, sample, score, select, training
 from cdpo.pipeline.artifacts import RunPaths
@@ -22,12 +23,18 @@ STAGES = ("sample", "select", "sft_pos", "sft_neg", "score", "align", "eval")
 def _stages_for(cfg: DictConfig) -> list[str]:
     if cfg.stage == "all":
         objective = objective_of(cfg.method)
+        preference = is_preference_data(cfg.data)
+        evaluate = not preference or bool(cfg.data.get("eval_source"))
+        if preference and not evaluate:
+            log.info("[eval] preference data has no gold answers: the run ends after align (data.eval_source="
+                     "<arith|gsm8k|jsonl:path|...> evaluates on its test questions)")
         if objective.trains_on == "nothing":  # the baseline: the base model, evaluated as it is
             return ["eval"]
-        stages = list(STAGES)
+        stages = [s for s in STAGES if not (preference and s == "sample") and (evaluate or s != "eval")]
         if not objective.needs_scores:  # the CE scores (and the negative model) serve only such objectives
             stages = [s for s in stages if s not in ("score", "sft_neg")]
-            if "sft" not in cfg.compare or cfg.method.name == "sft":  # then "sft" is the aligned model
+            # the positive model is then only the "sft" row of the evaluation (or the aligned model itself)
+            if not evaluate or "sft" not in cfg.compare or cfg.method.name == "sft":
                 stages.remove("sft_pos")
         return stages
     if cfg.stage not in STAGES:
@@ -76,7 +83,9 @@ def run_pipeline(cfg: DictConfig) -> dict:
 
 def _run_stages(cfg: DictConfig, paths: RunPaths, stages: list[str]) -> dict:
     reuse_from = cfg.get("reuse_from")
-    source = RunPaths(OmegaConf.create({"run_dir": reuse_from, "method_dir": reuse_from})) if reuse_from else None
+    source = None
+    if reuse_from:
+        source = RunPaths(OmegaConf.create({"run_dir": reuse_from, "method_dir": reuse_from, "data": cfg.data}))
     timings, summaries = {}, {}
     for stage in stages:
         signals.check()  # a signal whose exception was swallowed stops at the next stage at the latest

@@ -18,7 +18,7 @@ def generate_graded(cfg: DictConfig, model, tok, problems, *, n: int, temperatur
     prompts = [context.prompt_of(cfg, tok, p.question) for p in problems]
     outs = generate(model, tok, prompts, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                     stop=context.stops(cfg), seed=seed, batch_size=cfg.generation.batch_size, desc=desc,
-                    stats=stats, add_special_tokens=cfg.data.prompt_style != "chat")
+                    stats=stats, add_special_tokens=not context.chat_prompts(cfg))
     records = []
     for problem, prompt, completions in zip(problems, prompts, outs):
         samples = []

@@ -12,17 +12,25 @@ Per question, samples are grouped by extracted answer, most frequent first.
   - top_k: the negative_k most frequent wrong answers (the selection-rule ablation);
 - pairs: chosen = a correct trajectory, rejected = a trajectory of the most frequent wrong answer
   (under `authors` an answered one: a question whose wrong samples all lack an answer gives none).
+
+With preference data (data=preference) nothing was sampled: the user's rows are the pairs, their chosen
+responses the positives and their rejected ones the negatives (`import_preferences`); rows that cannot
+be used are listed in bad_rows.jsonl with where they are and why.
 """
 from __future__ import annotations
 
+import logging
 from collections import Counter
 
 from omegaconf import DictConfig
 
+from cdpo.data.preferences import load_preferences
 from cdpo.errors import UserError
-from cdpo.io import write_jsonl
+from cdpo.io import DataError, write_jsonl
 from cdpo.pipeline import context
 from cdpo.pipeline.artifacts import RunPaths, load
+
+log = logging.getLogger(__name__)
 
 NO_ANSWER = "<no answer>"
 
@@ -114,6 +122,8 @@ def with_training_prompts(cfg: DictConfig, records: list[dict]) -> list[dict]:
 
 
 def run(cfg: DictConfig, paths: RunPaths) -> dict:
+    if paths.preference:
+        return import_preferences(cfg, paths)
     records = with_training_prompts(cfg, load(paths.trajectories))
     positives, negatives, pairs = [], [], []
     for record in records:
@@ -138,3 +148,49 @@ def run(cfg: DictConfig, paths: RunPaths) -> dict:
     write_jsonl(paths.negatives, negatives)
     write_jsonl(paths.pairs, pairs)
     return {"questions": len(records), "positives": len(positives), "negatives": len(negatives), "pairs": len(pairs)}
+
+
+def _sequences(pairs: list[dict], side: str, kind: str) -> list[dict]:
+    """One side of the pairs as an SFT set, each (prompt, response) once."""
+    out, seen = [], set()
+    for p in pairs:
+        key = (tuple(p["prompt_ids"]), tuple(p[f"{side}_ids"]))
+        if key not in seen:
+            seen.add(key)
+            out.append({"id": p["id"], "question": p["question"], "answers": p["answers"], "prompt": p["prompt"],
+                        "prompt_ids": p["prompt_ids"], "kind": kind, "response": p[side],
+                        "response_ids": p[f"{side}_ids"], "extracted": None, "source": p["source"]})
+    return out
+
+
+def import_preferences(cfg: DictConfig, paths: RunPaths) -> dict:
+    """The user's preference rows as the select stage's artifacts; every bad row logged and listed."""
+    d = cfg.data
+    pairs, bad = load_preferences(d.path, context.tokenizer(cfg), split=d.split, limit=d.get("train_limit"),
+                                  fields=dict(d.fields or {}), prompt_format=d.prompt_format,
+                                  template=d.get("prompt_template") or "{prompt}", max_length=d.max_length,
+                                  max_prompt_length=d.max_prompt_length)
+    kinds = Counter(b["kind"] for b in bad)
+    counts = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common())
+    if bad:
+        write_jsonl(paths.bad_rows, bad)
+        log.warning(f"[select] {len(bad)} of {len(bad) + len(pairs)} rows of {d.path} left out ({counts}); all of them "
+                    f"in {paths.bad_rows}:")
+        for b in bad[:10]:
+            log.warning(f"[select]   {b['where']}: {b['reason']}")
+        if len(bad) > 10:
+            log.warning(f"[select]   ... and {len(bad) - 10} more")
+    else:
+        paths.bad_rows.unlink(missing_ok=True)  # the list of an earlier version of the data
+    if not pairs and not bad:
+        raise DataError(f"{d.path}: no rows")
+    if not pairs:
+        raise DataError(f"{d.path}: no usable row: all {len(bad)} are bad ({counts}), e.g. {bad[0]['where']}: "
+                        f"{bad[0]['reason']}; see {paths.bad_rows}")
+    positives, negatives = _sequences(pairs, "chosen", "positive"), _sequences(pairs, "rejected", "negative")
+    write_jsonl(paths.positives, positives)
+    write_jsonl(paths.negatives, negatives)
+    write_jsonl(paths.pairs, pairs)
+    return {"rows": len(pairs) + len(bad), "pairs": len(pairs), "positives": len(positives),
+            "negatives": len(negatives), "bad_rows": len(bad), "bad_kinds": dict(kinds),
+            "bad_where": [b["where"] for b in bad[:100]]}

@@ -153,8 +153,8 @@ class JsonlHistory(L.pytorch.loggers.Logger):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._kept = self._rows() if resume else []
         self._first = True
-        if not resume:
-            self.path.write_text("")
+        if not resume:  # a new history; none at all until a row is logged (an empty JSONL file is no dataset)
+            self.path.unlink(missing_ok=True)
 
     def _rows(self) -> list[dict]:
         rows = []
