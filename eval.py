@@ -63,7 +63,7 @@ def evaluate_model(cfg: DictConfig) -> dict:
     label = Path(str(cfg.adapter)).name if cfg.adapter else "base"
     results = Path(to_absolute_path(str(cfg.results or f"outputs/eval/{cfg.model.name}-{cfg.data.name}-{label}.json")))
     with context.generation_models(cfg) as model_for:  # generation=vllm: served by vLLM
-        model = model_for(to_absolute_path(str(cfg.adapter)) if cfg.adapter else None, "eval")
+        model = model_for(to_absolute_path(str(cfg.adapter)) if cfg.adapter else None, "adapter")
         out = run_eval(cfg, model, context.tokenizer(cfg), results.with_suffix(".jsonl"), label)
     passk = ", ".join(f"pass@{k} {100 * v:.1f}%" for k, v in out["pass_at_k"].items())
     print(f"{label}: accuracy {100 * out['accuracy']:.1f}% ({out['correct']}/{out['questions']}); {passk}; "

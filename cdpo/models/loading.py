@@ -11,11 +11,19 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from cdpo.errors import UserError
 
-from .embedded import DEFAULT_EMBEDDED_ALIAS, embedded_model_dir, embedded_name
+from .embedded import (
+    DEFAULT_EMBEDDED_ALIAS,
+    EMBEDDED_MODELS,
+    EMBEDDED_PREFIX,
+    embedded_model_dir,
+    embedded_name,
+    embedded_of_dir,
+    embedded_of_hub_id,
+)
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -57,6 +65,7 @@ def load_model(
         kwargs.update(_nf4_kwargs(quantization, device))
 
     model = _from_pretrained(AutoModelForCausalLM, name_or_path, **kwargs)
+    model.name_or_path = recorded_base(name_or_path)  # what PEFT writes into saved adapters as their base
 
     # Non-reentrant checkpointing works with a frozen base (LoRA) without
     # enable_input_require_grads hacks.
@@ -86,14 +95,17 @@ def _enable_checkpointing(model, kwargs: dict) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str, *, as_saved: bool = False):
     """The tokenizer for ``name_or_path`` with a pad token and ``padding_side="left"``.
 
     Left padding is what batched ``generate`` needs (new tokens follow the prompt directly);
     callers that build training batches may set ``tokenizer.padding_side = "right"``.
-    A missing pad token is set to the EOS token.
+    A missing pad token is set to the EOS token. ``as_saved``: the tokenizer as its checkpoint has it
+    (for saving it beside an exported model).
     """
     tokenizer = _from_pretrained(AutoTokenizer, name_or_path)
+    if as_saved:
+        return tokenizer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -138,6 +150,44 @@ def hub_offline() -> bool:
     from huggingface_hub import constants
 
     return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def load_config(name_or_path: str):
+    """The model's transformers config (config.json only: no weights)."""
+    return _from_pretrained(AutoConfig, name_or_path)
+
+
+def recorded_base(name_or_path: str) -> str:
+    """The name a model loaded from ``name_or_path`` gives as its base in what is saved from it (PEFT's
+    ``base_model_name_or_path``, a model card's ``base_model``): one that means the same on other machines.
+
+    An embedded model: the hub id its GGUF was made from (its conversion under ~/.cache/cdpo exists on
+    this machine only). A hub id: itself. A local directory: the hub id when it is an embedded conversion
+    or a hub-cache snapshot (``.../models--org--name/snapshots/<rev>``), else its absolute path (config.json
+    does not say where a checkpoint came from).
+    """
+    name_or_path = str(name_or_path)
+    key = embedded_name(name_or_path)
+    if key is not None:
+        return EMBEDDED_MODELS[key].hub_id
+    local = Path(name_or_path).expanduser()
+    if not local.exists():
+        return name_or_path
+    local = local.resolve()
+    key = embedded_of_dir(local)
+    if key is not None:
+        return EMBEDDED_MODELS[key].hub_id
+    if len(local.parts) > 3 and local.parts[-2] == "snapshots" and local.parts[-3].startswith("models--"):
+        return local.parts[-3].removeprefix("models--").replace("--", "/")
+    return str(local)
+
+
+def base_for_recorded(recorded: str) -> str:
+    """What to load for the base an adapter records: the embedded model for its hub id (the dequantised
+    GGUF weights cdpo trains on, which differ slightly from the hub's; and no network needed) or for the
+    cache path older adapters recorded; anything else as recorded."""
+    key = embedded_of_hub_id(recorded) or embedded_of_dir(recorded)
+    return EMBEDDED_PREFIX + key if key else recorded
 
 
 def resolve_source(name_or_path: str) -> str:

@@ -45,7 +45,7 @@ def base_model(cfg: DictConfig, *, for_training: bool = False):
 
 @contextlib.contextmanager
 def generation_models(cfg: DictConfig):
-    """Yields `model_for(adapter=None, name="eval")`: the model sample / eval generate with, for
+    """Yields `model_for(adapter=None, name="adapter")`: the model sample / eval generate with, for
     `cdpo.generation.generate`.
 
     generation.backend=hf: a fresh base model with the adapter directory loaded. vllm: one vLLM
@@ -56,7 +56,7 @@ def generation_models(cfg: DictConfig):
     if backend not in BACKENDS:
         raise ValueError(f"generation.backend={backend!r}: choose one of {', '.join(BACKENDS)} (generation=vllm)")
     if backend == "hf":
-        def model_for(adapter=None, name: str = "eval"):
+        def model_for(adapter=None, name: str = "adapter"):
             model = base_model(cfg)
             return load_adapter(model, adapter, name) if adapter else model
 
@@ -66,7 +66,7 @@ def generation_models(cfg: DictConfig):
 
     engine = None
 
-    def served(adapter=None, name: str = "eval"):
+    def served(adapter=None, name: str = "adapter"):
         nonlocal engine
         engine = engine or VLLMEngine.from_config(cfg)
         return engine.model_for(adapter, name)
