@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 from pathlib import Path
 from typing import Any, Iterable
-from urllib.parse import urlparse
 
+from .. import hub
 from ..io import DataError, iter_jsonl
 from . import arith
 from .records import Problem
@@ -20,7 +19,6 @@ KNOWN_SOURCES = ("gsm8k", "math500", "arith", "jsonl:<path>", "hf:<dataset_id>[:
 SPLITS = {"gsm8k": ("train", "test"), "math500": ("test",), "arith": arith.SPLITS}
 DEFAULT_FIELDS = {"question": "question", "answer": "answer", "id": "id", "solution": "solution"}
 _REQUIRED_FIELDS = ("question", "answer")
-_HUB_PROBE_TIMEOUT_S = 3.0
 
 _CALC_MARK = re.compile(r"<<[^<>]*>>")  # GSM8K calculator annotations such as <<16-3-4=9>>
 _GSM8K_FINAL = re.compile(r"^####\s*(.+?)\s*$", re.MULTILINE)
@@ -126,32 +124,6 @@ def _hub_unreachable(dataset_id: str, why: str) -> RuntimeError:
                         f"source 'jsonl:<path>' with the same `fields` mapping.")
 
 
-def _offline_env() -> bool:
-    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
-               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
-def _hub_reachable(timeout: float = _HUB_PROBE_TIMEOUT_S) -> bool:
-    """TCP probe of the hub in a daemon thread, so a hanging DNS lookup cannot block us either."""
-    import socket
-
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
-    ok: list[bool] = []
-
-    def probe():
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            ok.append(True)
-        except OSError:
-            pass
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout + 0.5)
-    return bool(ok)
-
-
 def _load_hf(spec: str, split: str, fields: dict | None) -> list[Problem]:
     dataset_id, _, config = spec.partition(":")
     if not dataset_id:
@@ -159,12 +131,12 @@ def _load_hf(spec: str, split: str, fields: dict | None) -> list[Problem]:
     fields = _resolve_fields(fields)
     import datasets
 
-    if _offline_env():
+    if hub.offline_env("HF_DATASETS_OFFLINE"):
         # datasets reads the offline flag at import; if it was imported before the flag was set,
         # it would still go to the network, so only a truly offline datasets may try its cache.
         if not (datasets.config.HF_HUB_OFFLINE or datasets.config.HF_DATASETS_OFFLINE):
             raise _hub_unreachable(dataset_id, "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set")
-    elif not _hub_reachable():
+    elif not hub.reachable():
         raise _hub_unreachable(dataset_id, "no connection within a few seconds")
     try:
         ds = datasets.load_dataset(dataset_id, config or None, split=split)
