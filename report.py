@@ -24,7 +24,8 @@ def report(cfg: DictConfig) -> None:
     runs = [cfg.runs] if isinstance(cfg.runs, str) else list(cfg.runs)
     report = build_report([to_absolute_path(r) for r in runs], to_absolute_path(cfg.out), rows=cfg.rows,
                           reference=str(cfg.reference), test=cfg.test, alpha=cfg.alpha,
-                          resamples=cfg.resamples, wandb=cfg.wandb, wandb_path=cfg.wandb_path)
+                          resamples=cfg.resamples, wandb=cfg.wandb, wandb_path=cfg.wandb_path,
+                          smoothing=cfg.smoothing)
     print(report["markdown"])
     print("wrote " + ", ".join(str(f) for f in report["files"]))
 

@@ -22,4 +22,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from cdpo.cli import check_launcher
+
+    check_launcher("train.py")  # -m hydra/launcher=slurm without its plugin: one line, not Hydra's traceback
     main()

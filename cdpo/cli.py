@@ -40,6 +40,32 @@ def _multirun() -> bool:
         return False
 
 
+# Hydra launchers of conf/hydra/launcher/ (and the plugin's own names) -> (plugin module, what installs it)
+LAUNCHER_PLUGINS = {name: ("hydra_plugins.hydra_submitit_launcher", 'pip install -e ".[slurm]" (hydra-submitit-launcher)')
+                    for name in ("slurm", "submitit_slurm", "submitit_local")}
+
+
+def check_launcher(name: str, argv: list[str] | None = None) -> None:
+    """Before Hydra starts: a multirun launcher whose plugin is not installed is one line and exit 2, instead
+    of Hydra's traceback ("Unknown plugin class") once the sweep is set up."""
+    import importlib
+    import re
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not {"-m", "--multirun"} & set(argv):
+        return  # a single run never starts the launcher
+    for arg in argv:
+        launcher = re.fullmatch(r"\+{0,2}hydra/launcher=(\w+)", arg)
+        if launcher and launcher[1] in LAUNCHER_PLUGINS:
+            module, install = LAUNCHER_PLUGINS[launcher[1]]
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                print(f"{name}: error: {arg} needs the Hydra launcher plugin {module}, which is not installed "
+                      f"({e}): {install}", file=sys.stderr)
+                sys.exit(2)
+
+
 def run_entry(name: str, work: Callable[[], object], *, also: tuple[type[BaseException], ...] = ()):
     """Run `work()` as entry point `name` (e.g. "train.py"); `also`: extra exception types that count
     as user errors there (report.py: ValueError from its arguments)."""

@@ -10,9 +10,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from cdpo.kv_cache import CACHE_ARG, preallocated_cache, prefix_cache, shared_prefix_ids
+from cdpo.progress import Progress
 
 
 @dataclass
@@ -96,6 +96,7 @@ def generate_ids(
     desc: str = "generate",
     stats: GenerationStats | None = None,
     share_prefix: bool = True,
+    bar: Progress | None = None,
 ) -> list[list[Completion]]:
     """Sample `n` completions per prompt given as token ids (greedy when temperature == 0).
 
@@ -105,22 +106,30 @@ def generate_ids(
     it. With `share_prefix`, the tokens every prompt starts with (few-shot exemplars, a trajectory's
     prefix) are encoded once and each batch continues their KV cache; rows are laid out as
     [prefix | left padding | rest of the prompt].
+    `bar`: the stage's progress bar to advance (sequences, generated tokens/s); else one of its own.
     """
     stop = list(stop or [])
     if temperature == 0 and n > 1:
         raise ValueError("n > 1 with greedy decoding (temperature=0) gives n identical completions")
     ids = [list(p) for p in prompt_ids]
-    if hasattr(model, "complete"):  # an inference engine (cdpo.generation_vllm, generation=vllm) batches itself
-        return model.complete(tokenizer, ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              stop=stop, seed=seed, progress=progress,
-                              stats=stats if stats is not None else GenerationStats())
+    stats = stats if stats is not None else GenerationStats()
+    engine = hasattr(model, "complete")  # an inference engine (cdpo.generation_vllm, generation=vllm) batches itself
+    own = bar is None
+    # an engine's own bar follows its requests; a stage's bar moves once per call
+    bar = (Progress(desc, len(ids) * n, "seq", disable=not progress or engine) if own else bar).start()
+    if engine:
+        before = stats.new_tokens
+        out = model.complete(tokenizer, ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                             stop=stop, seed=seed, progress=progress and own, stats=stats)
+        bar.advance(len(ids) * n, stats.new_tokens - before)
+        if own:
+            bar.close()
+        return out
     rows = [row for row in ids for _ in range(n)]
     prefix = shared_prefix_ids(ids) if share_prefix else []
     out: list[Completion] = []
-    stats = stats if stats is not None else GenerationStats()
     device = next(model.parameters()).device
     cache = prefix_cache(model, prefix) if prefix else None
-    bar = tqdm(total=len(rows), desc=desc, unit="seq", disable=not progress, dynamic_ncols=True)
     model.eval()
     for start in range(0, len(rows), batch_size):
         batch = [row[len(prefix):] for row in rows[start:start + batch_size]]
@@ -146,7 +155,7 @@ def generate_ids(
         stats.new_tokens += sum(len(c.token_ids) for c in done)
         stats.seconds += dt
         stats.per_batch.append(dt)
-        bar.update(len(batch))
-        bar.set_postfix(tok_s=f"{stats.tokens_per_s:.0f}")
-    bar.close()
+        bar.advance(len(batch), sum(len(c.token_ids) for c in done))
+    if own:
+        bar.close()
     return [out[i * n:(i + 1) * n] for i in range(len(ids))]

@@ -104,6 +104,8 @@ def _model(c: _Checker) -> None:
     if not (path.startswith(("tiny:", "embedded:")) or Path(path).is_dir() or _HUB_ID.match(path)):
         c.bad("model.path", "tiny:llama, embedded:<name>, an existing model directory or a hub id org/name "
                             f"({path} does not exist)")
+    elif _HUB_ID.match(path) and not Path(path).is_dir():
+        _hub_model(c, path)
     c.choice("model.dtype", DTYPES)
     c.boolean("model.gradient_checkpointing")
 
@@ -171,6 +173,20 @@ def _preference_data(c: _Checker, training: bool) -> None:
     _lengths(c)
 
 
+def _hub_model(c: _Checker, repo_id: str) -> None:
+    """A hub id must be in the local hub cache or the hub must answer (a probe of a few seconds): else the
+    first model load would retry the hub for a minute, after the stages before it ran."""
+    from cdpo import hub
+
+    if hub.cached(repo_id):
+        return
+    why = hub.unavailable("TRANSFORMERS_OFFLINE")
+    if why:
+        c.bad("model.path", f"a local model directory (model.path=/path/to/{repo_id.rsplit('/', 1)[-1]}), "
+                            f"tiny:llama or embedded:<name>: {repo_id} is a Hugging Face hub id that is not in the "
+                            f"local hub cache, and the hub cannot be reached ({why})")
+
+
 def _data(c: _Checker, training: bool) -> None:
     d = "data"
     if is_preference_data(c.get(d, None)):
@@ -188,6 +204,10 @@ def _data(c: _Checker, training: bool) -> None:
         used = (c.get(f"{d}.train_source", None) if train else None) or source
         if not isinstance(split, str) or not split:
             c.bad(split_key, "a split name")
+        elif train and samples and used == source and source in SPLITS and split not in SPLITS[source]:  # math500
+            c.bad(f"{d}.train_source", f"the training questions, which {source} lacks (it has only "
+                                       f"{', '.join(SPLITS[source])}): e.g. data.train_source=jsonl:/path/train.jsonl "
+                                       "or hf:<dataset id>")
         elif used in SPLITS and split not in SPLITS[used] and (samples or not train):
             hint = " (training questions: data.train_source=jsonl:<path> or hf:<id>)" if train else ""
             c.bad(split_key, f"a split of {used}: {', '.join(SPLITS[used])}{hint}")

@@ -311,8 +311,8 @@ def test_rollout_config_defaults_follow_the_paper_and_train():
     assert cfg.model.name == "smollm2_135m"
 
 
-def test_rollout_run_end_to_end_and_resume(tmp_path, tok, oracle, monkeypatch):
-    from cdpo.analysis import run as run_module
+def test_rollout_run_end_to_end_and_resume(tmp_path, tok, oracle, monkeypatch, capsys):
+    from cdpo.analysis import run as run_module, viewer
 
     pairs = _scored_pairs(tok)
     write_jsonl(tmp_path / "scored.jsonl", pairs)
@@ -338,11 +338,17 @@ def test_rollout_run_end_to_end_and_resume(tmp_path, tok, oracle, monkeypatch):
     assert page.count('class="tok') >= sum(len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in pairs)
     assert "data-r=" in page and "roll-crit" in page
 
-    # rerun: every shard is reused, nothing is sampled again
+    # rerun: every shard is reused, nothing is sampled again; the screenshot asked for on a machine
+    # without Chromium is one line saying what to install, and the report is written all the same
     monkeypatch.setattr(run_module, "rollout_trajectory", lambda *a, **k: pytest.fail("resumed run resampled"))
     monkeypatch.setattr(run_module, "measured_tokens_per_s", lambda *a, **k: pytest.fail("probe on a finished run"))
-    again = run_module.run(cfg)
+    monkeypatch.setattr(viewer, "find_chromium", lambda: None)
+    capsys.readouterr()
+    again = run_module.run(_compose([*overrides, "rollout.screenshot=true"]))
     assert read_jsonl(out / "rollouts.jsonl") == records and again["with_critical_token"] == 2
+    printed = capsys.readouterr().out
+    assert "no viewer screenshot: no Chromium found on PATH" in printed and "apt-get install chromium" in printed
+    assert not (out / "viewer.png").exists()
 
 
 def _cli(tmp_path, *args):

@@ -136,11 +136,11 @@ def test_hf_offline_gives_clear_error_without_network(monkeypatch):
 
 
 def test_hf_unreachable_hub_gives_clear_error(monkeypatch):
-    from cdpo.data import sources
+    from cdpo import hub
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(sources, "_hub_reachable", lambda *a, **k: False)  # what a failed probe returns
+    monkeypatch.setattr(hub, "reachable", lambda *a, **k: False)  # what a failed probe returns
     with pytest.raises(RuntimeError, match="hub is unreachable.*jsonl:<path>"):
         load_problems("hf:openai/gsm8k:main", "test")
 

@@ -176,11 +176,11 @@ def test_settings_are_checked_first(tmp_path):
 
 
 def test_hub_preferences_offline_is_one_clear_line(tmp_path, monkeypatch):
-    from cdpo.data import sources
+    from cdpo import hub
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(sources, "_hub_reachable", lambda *a, **k: False)  # what a failed probe returns
+    monkeypatch.setattr(hub, "reachable", lambda *a, **k: False)  # what a failed probe returns
     cfg = _pref_cfg(tmp_path, "hf:trl-lib/ultrafeedback_binarized", "stage=select")
     validate(cfg)  # the hub id is a valid setting; reading it is what fails, before any model is loaded
     with pytest.raises(UserError, match=r"^hf:trl-lib/ultrafeedback_binarized: the Hugging Face hub is unreachable "

@@ -2,6 +2,7 @@
 run directories and from a (fake) wandb API, and the files it writes."""
 import csv
 import io
+import logging
 import math
 from statistics import mean, stdev
 
@@ -207,3 +208,94 @@ def test_build_report_writes_markdown_csv_and_the_figure(tmp_path):
         assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({fig.name})" in md
     with pytest.raises(ValueError, match="wandb="):
         build_report([_grid(tmp_path / "again")], tmp_path / "x", wandb="sometimes")
+
+
+# --- the shared base / SFT evaluations, the reference check, the smoothed Figure 6 -----------------
+def _write_shared(run_dir, model, data, name, correct, *, seed=0, adapter="a1"):
+    """What the eval stage writes once per run_dir for `compare`: eval/base.json, eval/sft.json."""
+    config = {"model": {"name": model}, "data": {"name": data}, "method": {"name": "cdpo"}, "seed": seed}
+    write_json(run_dir / "eval" / f"{name}.json", {
+        "accuracy": mean(correct), "questions": len(correct), "correct": sum(correct), "config": config,
+        "signature": {"model": model, "adapter": None if name == "base" else adapter}})
+    write_jsonl(run_dir / "eval" / f"{name}.jsonl", [{"id": f"q{i}", "samples": [{"correct": bool(c)}]}
+                                                     for i, c in enumerate(correct)])
+
+
+def test_base_and_sft_evaluations_of_each_run_dir_are_rows(tmp_path, caplog):
+    root = tmp_path / "runs"
+    base, sft = [1, 0, 0, 0, 1, 0, 0, 0], [1, 1, 0, 0, 1, 0, 1, 0]
+    for seed in (0, 1):
+        _write_run(root, "smollm2_135m", "arith", "cdpo", seed, [1, 1, 1, 0, 1, 1, 1, seed])
+    _write_shared(root / "smollm2_135m-arith", "smollm2_135m", "arith", "base", base)
+    _write_shared(root / "smollm2_135m-arith", "smollm2_135m", "arith", "sft", sft, seed=1)
+    results = collect_local([root])
+    table = Table(results, resamples=500)
+    assert table.rows == ["base", "sft_pos", "cdpo"]
+    col = ("smollm2_135m", "arith")
+    assert table.cell(col, "base")["accuracies"] == [25.0] and table.cell(col, "sft_pos")["accuracies"] == [50.0]
+    md = table.markdown()
+    assert "| Baseline (base model) | 25.0 |" in md and "| SFT (positive CE model) | 50.0 |" in md
+    assert "| + cDPO | 81.2 ± 8.8" in md and "over 2 seed(s)" in md  # the seeds of the methods
+    # tested against cDPO on the same questions, per question as the seeds of cDPO solved it
+    t = table.tests[(col, "base")]
+    cdpo = [mean(x) for x in zip([1, 1, 1, 0, 1, 1, 1, 0], [1, 1, 1, 0, 1, 1, 1, 1])]
+    assert t["questions"] == 8 and t["delta"] == pytest.approx(100 * (mean(cdpo) - mean(base)))
+    assert {r["method.name"] for r in csv.DictReader(io.StringIO(table.csv()))} == {"base", "sft_pos", "cdpo"}
+
+    # an ablation report: the same rows, first, whatever `rows` is
+    ablation = Table(collect_local([root], rows="seed"), rows_key="seed", reference="0", resamples=200)
+    assert ablation.rows == ["base", "sft_pos", "0", "1"]
+    assert "| Baseline (base model) |" in ablation.markdown()
+
+    # several run_dirs of one model x data set: the same evaluation counts once; different SFT models
+    # (an ablation that changes them) leave the row out, saying so; method=baseline rows replace "base"
+    other = root / "ablations" / "b2"
+    _write_shared(other, "smollm2_135m", "arith", "base", base)
+    _write_shared(other, "smollm2_135m", "arith", "sft", [0] * 8, adapter="a2")
+    caplog.set_level(logging.INFO, logger="cdpo")
+    rows = {r.row for r in collect_local([root])}
+    assert rows == {"base", "cdpo"} and "'SFT (positive CE model)' left out for smollm2_135m / arith" in caplog.text
+    _write_run(root, "smollm2_135m", "arith", "baseline", 0, base)
+    assert sorted(r.row for r in collect_local([root])) == ["baseline", "cdpo", "cdpo"]
+
+
+def test_a_reference_that_is_not_a_row_is_named_with_the_rows_there(tmp_path, caplog):
+    root = tmp_path / "runs"
+    for b in (0.5, 1.0):
+        _write_run(root / f"b{b}", "smollm2_135m", "arith", "cdpo", 0, [1, 0, 1, 1], ce={"b": b})
+    caplog.set_level(logging.WARNING, logger="cdpo")
+    table = Table(collect_local([root], rows="ce.b"), rows_key="ce.b", reference="1", resamples=100)
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning == "report: reference='1' is not a row of this report (its rows: 0.5, 1.0): nothing is tested against it"
+    assert table.tests == {}
+    caplog.clear()
+    Table(collect_local([root], rows="ce.b"), rows_key="ce.b", reference="1.0", resamples=100)
+    assert not caplog.records
+
+
+def test_figure6_draws_the_raw_points_faint_and_their_ema(tmp_path):
+    from cdpo.report.plots import draw_logps, mean_curves
+
+    rng = np.random.default_rng(0)
+    chosen, rejected = rng.normal(-10, 1, 30), rng.normal(-20, 3, 30)
+    _write_run(tmp_path, "tiny", "arith", "cdpo", 0, [1], curve=list(zip(chosen, rejected)))
+    [result] = collect_local([tmp_path])
+    w = 0.8
+    fig = draw_logps({"cDPO": mean_curves([result])}, "t", smoothing=w)
+    lines = fig.axes[0].get_lines()
+    assert len(lines) == 4  # chosen raw, chosen EMA, rejected raw, rejected EMA
+
+    def closed_form(v):  # s_t = w^t v_0 + (1 - w) sum_{k=1..t} w^(t-k) v_k
+        return [w ** t * v[0] + (1 - w) * sum(w ** (t - k) * v[k] for k in range(1, t + 1)) for t in range(len(v))]
+
+    for (raw, smooth), values, style in ((lines[:2], chosen, "-"), (lines[2:], rejected, "--")):
+        assert list(raw.get_xdata()) == list(range(30)) and np.allclose(raw.get_ydata(), values)
+        assert raw.get_alpha() == 0.25 and raw.get_label().startswith("_")  # faint, not in the legend
+        assert np.allclose(smooth.get_ydata(), closed_form(values)) and smooth.get_alpha() is None
+        assert raw.get_linestyle() == smooth.get_linestyle() == style and raw.get_color() == smooth.get_color()
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == ["cDPO chosen", "cDPO rejected"]
+    # smoothing=0: the points as logged, one line per curve
+    raw_only = draw_logps({"cDPO": mean_curves([result])}, "t", smoothing=0).axes[0].get_lines()
+    assert len(raw_only) == 2 and np.allclose(raw_only[1].get_ydata(), rejected)
+    with pytest.raises(ValueError, match=r"smoothing=1: .* \[0, 1\)"):
+        build_report([tmp_path], tmp_path / "r", smoothing=1, wandb=False)

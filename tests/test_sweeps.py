@@ -120,8 +120,10 @@ def test_embedded_grid_script_end_to_end(tmp_path):
     assert md in log  # the report printed what it wrote
     for label in ("Baseline", "+ SFT", "+ DPO", "+ TokenDPO", "+ RPO", "+ SimPO", "+ IPO", "+ cDPO"):
         assert f"| {label} | 0.0 ± 0.0 |" in md  # a random model: 0 of 3 questions, 2 seeds each
-    assert sum(line.startswith("| arith tiny |") for line in md.splitlines()) == 7  # cDPO vs each other method
+    # the run_dir's shared SFT evaluation (the positive CE model) is a row too; its base evaluation is the baseline's
+    assert "| SFT (positive CE model) | 0.0 |" in md and "Baseline (base model)" not in md
+    assert sum(line.startswith("| arith tiny |") for line in md.splitlines()) == 8  # cDPO vs each other row
     csv_rows = (out.parent / "embedded.csv").read_text().splitlines()
-    assert len(csv_rows) == 9 and all(",2,0;1," in r for r in csv_rows[1:])
+    assert len(csv_rows) == 10 and sum(",2,0;1," in r for r in csv_rows[1:]) == 8 and ",sft_pos,1," in csv_rows[1]
     png = out.parent / "embedded-tiny-arith-logps.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and f"]({png.name})" in md

@@ -1,6 +1,8 @@
 """The HTML token viewer: its markup, its self-containment, and the page in a real (headless) Chromium."""
 import os
 import re
+import subprocess
+import sys
 from html.parser import HTMLParser
 
 import pytest
@@ -89,13 +91,28 @@ def test_markup_has_every_token_shaded_and_the_critical_tokens_marked(tok):
     assert items[0]["predicted"] == "2" and items[1]["predicted"] == "3"
 
 
-def test_cli_writes_the_page_and_rejects_bad_input(tmp_path, tok):
+def test_cli_writes_the_page_and_rejects_bad_input(tmp_path, tok, capsys):
     write_jsonl(tmp_path / "scored.jsonl", _pairs(tok, 2))
     main([str(tmp_path / "scored.jsonl"), "-o", str(tmp_path / "v.html")])
     assert (tmp_path / "v.html").read_text().count('<section class="traj') == 4
     write_jsonl(tmp_path / "bad.jsonl", [{"id": "q", "chosen_ids": [1]}])
-    with pytest.raises(SystemExit, match=r"bad.jsonl:1: missing rejected_ids"):
+    with pytest.raises(SystemExit) as stop:
         main([str(tmp_path / "bad.jsonl")])
+    assert stop.value.code == 2 and "bad.jsonl:1: missing rejected_ids" in capsys.readouterr().err
+
+
+def test_cli_screenshot_without_chromium_says_what_to_install(tmp_path, tok):
+    """`--screenshot` on a machine without Chromium (a PATH without it): one line naming the package, exit 2,
+    before the tokenizer is loaded or the page written (it used to end in a traceback after both)."""
+    write_jsonl(tmp_path / "scored.jsonl", _pairs(tok, 1))
+    (tmp_path / "bin").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "cdpo.analysis.viewer", str(tmp_path / "scored.jsonl"),
+                           "-o", str(tmp_path / "v.html"), "--screenshot", str(tmp_path / "v.png"),
+                           "--tokenizer", "no-such-org/no-such-tokenizer"],  # a load would fail differently
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "PATH": str(tmp_path / "bin")})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and "apt-get install chromium" in proc.stderr and "--screenshot" in proc.stderr
+    assert not (tmp_path / "v.html").exists()
 
 
 @needs_chromium

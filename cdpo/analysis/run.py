@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from cdpo.analysis import figures, report
 from cdpo.analysis.rollout import RolloutSettings, expected_work, rollout_trajectory, seed_for
 from cdpo.analysis.tokens import line_numbers, token_pieces
-from cdpo.analysis.viewer import find_chromium, screenshot, write_viewer
+from cdpo.analysis.viewer import screenshot, write_viewer
 from cdpo.generation import GenerationStats, generate_ids
 from cdpo.io import DataError, iter_jsonl, write_json
 from cdpo.pipeline import context
@@ -128,12 +128,12 @@ def run(cfg: DictConfig) -> dict:
         files.append(figures.plot_success_rates(records, out_dir / "success_rates.png"))
     files.append(write_viewer(pairs, tok, out_dir / "viewer.html", rollouts=records,
                               title=f"critical tokens: {cfg.model.name} on {cfg.data.name}"))
-    if rc.screenshot and find_chromium():
+    if rc.screenshot:
         try:
             files.append(screenshot(out_dir / "viewer.html", out_dir / "viewer.png", width=1100, height=1000,
                                     fragment="show=incorrect"))
-        except (subprocess.SubprocessError, OSError) as e:  # a picture is not worth losing the run's report
-            print(f"[rollout] no viewer screenshot: {e}")
+        except (subprocess.SubprocessError, OSError) as e:  # no Chromium, or it failed: the report matters more
+            print(f"[rollout] no viewer screenshot: {e} (rollout.screenshot=false: none asked)")
     # totals over the trajectories (a resumed run reports the work of the runs that sampled them)
     new_tokens, seconds = sum(r["new_tokens"] for r in records), sum(r["seconds"] for r in records)
     summary = {"trajectories": len(records), "with_critical_token": table["with_critical_token"],

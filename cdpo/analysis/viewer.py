@@ -16,10 +16,12 @@ import argparse
 import html
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 from cdpo.analysis.tokens import token_pieces
+from cdpo.errors import UserError
 from cdpo.grading import extract_answer
 from cdpo.io import DataError, iter_jsonl, read_jsonl
 
@@ -199,6 +201,13 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--hide-scrollbars"]
 
 
+NO_CHROMIUM = "no Chromium found on PATH (chromium, chromium-browser, google-chrome): apt-get install chromium"
+
+
+class ChromiumMissingError(UserError, FileNotFoundError):
+    """A screenshot was asked for where no Chromium is installed."""
+
+
 def find_chromium() -> str | None:
     return next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
 
@@ -206,7 +215,7 @@ def find_chromium() -> str | None:
 def chromium(page: Path, *args: str, fragment: str = "", timeout: float = 120) -> subprocess.CompletedProcess:
     exe = find_chromium()
     if exe is None:
-        raise FileNotFoundError("no Chromium found (Debian: apt-get install chromium)")
+        raise ChromiumMissingError(NO_CHROMIUM)
     url = Path(page).resolve().as_uri() + (f"#{fragment}" if fragment else "")
     with tempfile.TemporaryDirectory(prefix="cdpo-chromium-") as profile:
         return subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args, url],
@@ -234,13 +243,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, help="first N pairs only")
     ap.add_argument("--screenshot", type=Path, help="also save a headless-Chromium screenshot (PNG)")
     args = ap.parse_args(argv)
-    from cdpo.models import load_tokenizer
-
     try:
+        if args.screenshot and find_chromium() is None:  # before the tokenizer is loaded and the page written
+            raise ChromiumMissingError(f"--screenshot: {NO_CHROMIUM} (or leave out --screenshot)")
         pairs = read_scored(args.scored)[:args.limit]
         rollouts = read_jsonl(args.rollouts) if args.rollouts else None
-    except (FileNotFoundError, DataError) as e:
-        raise SystemExit(f"viewer: error: {e}") from None
+    except (FileNotFoundError, UserError) as e:  # bad input, no Chromium: one line and exit 2
+        print(f"viewer: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    from cdpo.models import load_tokenizer
+
     out = write_viewer(pairs, load_tokenizer(args.tokenizer), args.output or args.scored.with_suffix(".html"),
                        rollouts=rollouts, title=f"critical tokens: {args.scored}")
     print(f"wrote {out} ({len(pairs)} pairs)")

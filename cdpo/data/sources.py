@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 from pathlib import Path
 from typing import Any, Iterable
-from urllib.parse import urlparse
 
+from .. import hub
 from ..errors import UserError
 from ..io import DataError, iter_jsonl
 from . import arith
@@ -21,7 +20,6 @@ KNOWN_SOURCES = ("gsm8k", "math500", "arith", "jsonl:<path>", "hf:<dataset_id>[:
 SPLITS = {"gsm8k": ("train", "test"), "math500": ("test",), "arith": arith.SPLITS}
 DEFAULT_FIELDS = {"question": "question", "answer": "answer", "id": "id", "solution": "solution"}
 _REQUIRED_FIELDS = ("question", "answer")
-_HUB_PROBE_TIMEOUT_S = 3.0
 
 _CALC_MARK = re.compile(r"<<[^<>]*>>")  # GSM8K calculator annotations such as <<16-3-4=9>>
 _GSM8K_FINAL = re.compile(r"^####\s*(.+?)\s*$", re.MULTILINE)
@@ -134,32 +132,6 @@ def _hub_unreachable(dataset_id: str, why: str, hint: str = _JSONL_HINT) -> HubU
                                f"and {hint}.")
 
 
-def _offline_env() -> bool:
-    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
-               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-
-
-def _hub_reachable(timeout: float = _HUB_PROBE_TIMEOUT_S) -> bool:
-    """TCP probe of the hub in a daemon thread, so a hanging DNS lookup cannot block us either."""
-    import socket
-
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
-    ok: list[bool] = []
-
-    def probe():
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            ok.append(True)
-        except OSError:
-            pass
-
-    t = threading.Thread(target=probe, daemon=True)
-    t.start()
-    t.join(timeout + 0.5)
-    return bool(ok)
-
-
 def load_hub_dataset(spec: str, split: str, *, hint: str = _JSONL_HINT):
     """One split of a hub dataset `<dataset_id>[:<config>]`; offline or unreachable: one clear line with `hint`
     (what to use instead), rather than a long wait and a traceback."""
@@ -168,12 +140,12 @@ def load_hub_dataset(spec: str, split: str, *, hint: str = _JSONL_HINT):
         raise ValueError("hf source needs a dataset id: 'hf:<dataset_id>[:<config>]'")
     import datasets
 
-    if _offline_env():
+    if hub.offline_env("HF_DATASETS_OFFLINE"):
         # datasets reads the offline flag at import; if it was imported before the flag was set,
         # it would still go to the network, so only a truly offline datasets may try its cache.
         if not (datasets.config.HF_HUB_OFFLINE or datasets.config.HF_DATASETS_OFFLINE):
             raise _hub_unreachable(dataset_id, "HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set", hint)
-    elif not _hub_reachable():
+    elif not hub.reachable():
         raise _hub_unreachable(dataset_id, "no connection within a few seconds", hint)
     try:
         return datasets.load_dataset(dataset_id, config or None, split=split)

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from cdpo import hub
 from cdpo.errors import UserError
 
 from .embedded import (
@@ -34,7 +34,8 @@ QUANTIZATIONS = ("nf4",)
 
 
 class OfflineHubError(UserError, OSError):
-    """A hub id was asked for while the machine is offline and it is not in the local cache."""
+    """A hub id was asked for while the hub cannot be reached (offline, or no answer) and it is not in the
+    local cache."""
 
 
 class QuantizationUnavailableError(UserError, RuntimeError):
@@ -141,15 +142,10 @@ def torch_dtype(name: str | torch.dtype, device: str = "cpu") -> torch.dtype:
 
 
 def hub_offline() -> bool:
-    """True when HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set.
-
-    Read from the environment at call time: huggingface_hub reads it once at import.
-    """
-    env = any(os.environ.get(k, "").upper() in {"1", "ON", "YES", "TRUE"}
-              for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))  # fmt: skip
+    """True when HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set (now, or when huggingface_hub was imported)."""
     from huggingface_hub import constants
 
-    return env or bool(constants.HF_HUB_OFFLINE)
+    return hub.offline_env("TRANSFORMERS_OFFLINE") or bool(constants.HF_HUB_OFFLINE)
 
 
 def load_config(name_or_path: str):
@@ -213,18 +209,21 @@ def _from_pretrained(cls, name_or_path: str, **kwargs):
     source = resolve_source(name_or_path)
     if Path(source).exists():
         return cls.from_pretrained(source, **kwargs)
-    offline = hub_offline()
+    # Offline, or a hub that does not answer the probe: the local hub cache only. Asking the hub
+    # would retry every file for about a minute before failing.
+    why = "offline: HF_HUB_OFFLINE is set" if hub_offline() else hub.unavailable()
+    if why is not None and cls is not AutoTokenizer:
+        # transformers 5 looks for a PEFT adapter config on the hub even with local_files_only (and retries
+        # it for 23 s) unless its own adapter_kwargs say so too
+        kwargs["adapter_kwargs"] = {**kwargs.get("adapter_kwargs", {}), "local_files_only": True}
     try:
-        # local_files_only makes sure nothing touches the network when offline, even if
-        # HF_HUB_OFFLINE was set after huggingface_hub was imported.
-        return cls.from_pretrained(source, local_files_only=offline, **kwargs)
+        return cls.from_pretrained(source, local_files_only=why is not None, **kwargs)
     except OSError as e:
-        if offline:
+        if why is not None:
             raise OfflineHubError(
-                f"{source!r} looks like a Hugging Face hub id, but this machine is offline "
-                f"(HF_HUB_OFFLINE=1) and it is not in the local hub cache. Pass a local "
-                f"directory holding the model instead (model.name_or_path=/path/to/model), "
-                f"or the embedded default {DEFAULT_EMBEDDED_ALIAS!r}."
+                f"model.path={source!r}: a Hugging Face hub id that is not in the local hub cache, and the hub "
+                f"cannot be reached ({why}). Give a local directory holding the model (model.path=/path/to/model) "
+                f"or the embedded default (model.path={DEFAULT_EMBEDDED_ALIAS})."
             ) from e
         raise OSError(
             f"could not load {source!r} from the Hugging Face hub: {e}\nIf this machine has no "

@@ -398,22 +398,23 @@ def run_sharded(items: Sequence, shard_size: int, shard_dir: Path, work: Callabl
     """Apply `work` to consecutive shards of `items`, each written to its own file, and write the
     concatenation to `out_path`. A shard file left by an interrupted run is reused only when it was
     made with the same `signature` (the stage's identity: settings and input contents) and holds the same items
-    (by `key`, which must equal each output record's "key" field); otherwise the shards are redone."""
+    (by `key`, which must equal each output record's "key" field); otherwise the shards are redone.
+    `on_skip(n)` is called for every finished shard (its n items) before any work starts: progress
+    bars count them as done from the start."""
     if shard_dir.exists() and not _signature_matches(shard_dir, signature):
         shutil.rmtree(shard_dir)  # made with other settings: stale
     shard_dir.mkdir(parents=True, exist_ok=True)
     write_json(shard_dir / "signature.json", signature)
+    shards = [(path, shard, _finished_shard(path, shard, key)) for path, shard in _shards(items, shard_size, shard_dir)]
+    for _, shard, done in shards:
+        if done is not None and on_skip:
+            on_skip(len(shard))
     records: list[dict] = []
-    for path, shard in _shards(items, shard_size, shard_dir):
-        signals.check()  # a stop swallowed inside the last shard's work: stop before the next one
-        done = _finished_shard(path, shard, key)
-        if done is not None:
-            records.extend(done)
-            if on_skip:
-                on_skip(len(shard))
-            continue
-        done = work(shard)
-        write_jsonl(path, done)
+    for path, shard, done in shards:
+        if done is None:
+            signals.check()  # a stop swallowed inside the last shard's work: stop before the next one
+            done = work(shard)
+            write_jsonl(path, done)
         records.extend(done)
     write_jsonl(out_path, records)
     return records

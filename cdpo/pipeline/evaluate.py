@@ -16,6 +16,7 @@ from cdpo.pipeline import context, trainers
 from cdpo.pipeline.artifacts import RunPaths
 from cdpo.pipeline.identity import describe, model_identity, questions_digest
 from cdpo.pipeline.sample import generate_graded
+from cdpo.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,15 @@ def cached_result(out: Path, signature: dict) -> dict | None:
         return None
 
 
-def evaluate_model(cfg: DictConfig, model, tok, out_path: Path, label: str, signature: dict | None = None) -> dict:
+def evaluate_model(cfg: DictConfig, model, tok, out_path: Path, label: str, signature: dict | None = None,
+                   bar: Progress | None = None) -> dict:
+    """`bar`: the eval stage's one bar over every model it evaluates (else one for this model)."""
     e = cfg.eval
     problems = context.problems(cfg, e.split, e.limit)
     stats = GenerationStats()
     records = generate_graded(cfg, model, tok, problems, n=e.n, temperature=e.temperature, top_p=e.get("top_p", 1.0),
                               max_new_tokens=cfg.generation.max_new_tokens, seed=cfg.seed, desc=f"eval {label}",
-                              stats=stats)
+                              stats=stats, bar=bar)
     n_correct = [sum(s["correct"] for s in r["samples"]) for r in records]
     first_correct = sum(r["samples"][0]["correct"] for r in records)
     results = {
@@ -88,7 +91,8 @@ def run(cfg: DictConfig, paths: RunPaths) -> dict:
     baseline = objective_of(cfg.method).trains_on == "nothing"  # the base model is the method's own result
     labels = [cfg.method.name] if baseline else list(dict.fromkeys([*cfg.compare, cfg.method.name]))
     results, todo = {}, []
-    questions = questions_digest(context.problems(cfg, cfg.eval.split, cfg.eval.limit))
+    problems = context.problems(cfg, cfg.eval.split, cfg.eval.limit)
+    questions = questions_digest(problems)
     for label in labels:
         key = "base" if baseline else "aligned" if label == cfg.method.name else label
         out, adapter = paths.eval_file(key), adapter_for(paths, key)
@@ -102,9 +106,11 @@ def run(cfg: DictConfig, paths: RunPaths) -> dict:
         else:
             todo.append((label, key, out, adapter, signature))
     if todo:
-        with context.generation_models(cfg) as model_for:  # one vLLM engine serves every adapter
-            for label, key, out, adapter, signature in todo:
-                results[label] = evaluate_model(cfg, model_for(adapter, key), tok, out, label, signature)
+        per_model = len(problems) * cfg.eval.n  # sequences; one bar over every model, cached ones done already
+        with context.generation_models(cfg) as model_for, Progress("eval", len(labels) * per_model, "seq") as bar:
+            bar.resume((len(labels) - len(todo)) * per_model)
+            for label, key, out, adapter, signature in todo:  # one vLLM engine serves every adapter
+                results[label] = evaluate_model(cfg, model_for(adapter, key), tok, out, label, signature, bar)
     own = paths.eval_file("aligned")
     if baseline:  # a result file in the method dir like every other method's: the report reads those
         write_jsonl(own, read_jsonl(paths.eval_file("base")))

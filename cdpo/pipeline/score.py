@@ -8,13 +8,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
 from cdpo.kv_cache import shared_prefix_ids
 from cdpo.models import load_adapter
 from cdpo.modules import ContrastiveScorer, SequencesDataModule
 from cdpo.pipeline import context
 from cdpo.pipeline.artifacts import RunPaths, load, run_sharded, stage_identity
+from cdpo.progress import Progress
 
 
 def scorer_for(cfg: DictConfig, pos: str | Path, neg: str | Path) -> ContrastiveScorer:
@@ -54,19 +54,29 @@ def shared_prefix(cfg: DictConfig, pairs: list[dict]) -> list[int]:
     return shared_prefix_ids([p["prompt_ids"] for p in pairs]) if fits_untruncated(cfg, pairs) else []
 
 
-def score_pairs(cfg: DictConfig, scorer: ContrastiveScorer, pairs: list[dict], tok) -> list[dict]:
+def score_pairs(cfg: DictConfig, scorer: ContrastiveScorer, pairs: list[dict], tok,
+                bar: Progress | None = None) -> list[dict]:
+    """`bar`: the score stage's one bar over every shard (pairs, scored response tokens/s); else its own."""
     share = cfg.ce.get("share_prefix", True) and fits_untruncated(cfg, pairs)
     prefix = shared_prefix_ids([p["prompt_ids"] for p in pairs]) if share else []
     scorer.set_prefix(prefix)
+    own = bar is None
+    bar = (Progress(f"score {len(pairs)} pairs", len(pairs), "pair") if own else bar).start()
     scored = []
+
+    def add(outputs: list[dict]) -> None:  # the scorer's outputs: chosen, rejected of each pair in turn
+        pairs_before = len(scored) // 2
+        scored.extend(outputs)
+        bar.advance(len(scored) // 2 - pairs_before, sum(len(o["token_ids"]) for o in outputs))
+
     if share:
         # Each pair's prompt is encoded once after the shared prefix; chosen and rejected continue it.
         per_batch = max(cfg.ce.batch_size // 2, 1)
-        for i in tqdm(range(0, len(pairs), per_batch), desc=f"score {len(pairs)} pairs", unit="batch"):
+        for i in range(0, len(pairs), per_batch):
             chunk = pairs[i:i + per_batch]
-            scored += scorer.score_grouped([p["prompt_ids"][len(prefix):] for p in chunk],
-                                           [r for p in chunk for r in (p["chosen_ids"], p["rejected_ids"])],
-                                           pad_id=tok.pad_token_id)
+            add(scorer.score_grouped([p["prompt_ids"][len(prefix):] for p in chunk],
+                                     [r for p in chunk for r in (p["chosen_ids"], p["rejected_ids"])],
+                                     pad_id=tok.pad_token_id))
     else:
         seqs = [{"prompt_ids": p["prompt_ids"], "response_ids": p[side]} for p in pairs
                 for side in ("chosen_ids", "rejected_ids")]
@@ -75,8 +85,10 @@ def score_pairs(cfg: DictConfig, scorer: ContrastiveScorer, pairs: list[dict], t
         # The scorer's predict_step over batches on the model's device. (A Trainer.predict per shard
         # would move the whole model back to the CPU after every shard.)
         device = next(scorer.model.parameters()).device
-        for i, batch in enumerate(tqdm(dm.predict_dataloader(), desc=f"score {len(pairs)} pairs", unit="batch")):
-            scored += scorer.predict_step({k: v.to(device) for k, v in batch.items()}, i)
+        for i, batch in enumerate(dm.predict_dataloader()):
+            add(scorer.predict_step({k: v.to(device) for k, v in batch.items()}, i))
+    if own:
+        bar.close()
     out = []
     for i, p in enumerate(pairs):
         c, r = scored[2 * i], scored[2 * i + 1]
@@ -93,9 +105,15 @@ def run(cfg: DictConfig, paths: RunPaths) -> dict:
     tok = context.tokenizer(cfg)
     scorer = scorer_for(cfg, paths.pos_adapter, paths.neg_adapter)
     reused = []
-    out = run_sharded(pairs, cfg.ce.shard_size, paths.shards("score"), lambda shard: score_pairs(cfg, scorer, shard, tok),
-                      paths.scored_pairs, key=pair_key, on_skip=reused.append,
-                      signature=stage_identity(cfg, paths, "score"))  # the pairs' and adapters' contents too
+    with Progress("score", len(pairs), "pair") as bar:  # one bar over every shard; resumed ones done from the start
+
+        def skip(n_pairs):
+            reused.append(n_pairs)
+            bar.resume(n_pairs)
+
+        out = run_sharded(pairs, cfg.ce.shard_size, paths.shards("score"),
+                          lambda shard: score_pairs(cfg, scorer, shard, tok, bar), paths.scored_pairs, key=pair_key,
+                          on_skip=skip, signature=stage_identity(cfg, paths, "score"))  # pairs' and adapters' contents too
     rej = [x for p in out for x in p["rejected_p_ce"]]
     cho = [x for p in out for x in p["chosen_p_ce"]]
     mean = lambda xs: round(sum(xs) / max(len(xs), 1), 4)  # noqa: E731

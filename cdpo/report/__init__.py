@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cdpo.report.collect import Result, collect_local, collect_wandb, merge, wandb_online
-from cdpo.report.plots import mean_curves, plot_logps
+from cdpo.report.plots import SMOOTHING, mean_curves, plot_logps
 from cdpo.report.table import DATA_NAMES, MODEL_NAMES, Table, row_label
 
 __all__ = ["Result", "Table", "build_report", "collect_local", "collect_wandb", "merge"]
@@ -13,9 +13,12 @@ __all__ = ["Result", "Table", "build_report", "collect_local", "collect_wandb", 
 
 def build_report(runs: list[str], out: str | Path, *, rows: str = "method.name", reference: str = "cdpo",
                  test: str = "bootstrap", alpha: float = 0.005, resamples: int = 10_000, wandb: str | bool = "auto",
-                 wandb_path: str = "cdpo", api=None) -> dict:
-    """Collect, tabulate, test, plot; write <out>.md, <out>.csv and <out>-<model>-<data>-logps.png."""
+                 wandb_path: str = "cdpo", smoothing: float = SMOOTHING, api=None) -> dict:
+    """Collect, tabulate, test, plot; write <out>.md, <out>.csv and <out>-<model>-<data>-logps.png
+    (`smoothing`: the curves' EMA weight, 0 for the raw points only)."""
     results = collect_local(runs, rows) if runs else []
+    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
+        raise ValueError(f"smoothing={smoothing!r}: the EMA weight of the past, a number in [0, 1) (0: no smoothing)")
     if wandb not in ("auto", True, False):
         raise ValueError(f"wandb={wandb!r}: choose auto, true or false")
     use_wandb = wandb is True or (wandb == "auto" and (api is not None or wandb_online()))
@@ -32,7 +35,7 @@ def build_report(runs: list[str], out: str | Path, *, rows: str = "method.name",
     for model, data in table.columns:
         curves = {row_label(row, rows): mean_curves(table.by_cell.get(((model, data), row), [])) for row in table.rows}
         title = f"{MODEL_NAMES.get(model, model)} on {DATA_NAMES.get(data, data)}: chosen (solid), rejected (dashed)"
-        fig = plot_logps(curves, title, out.parent / f"{out.name}-{model}-{data}-logps.png")
+        fig = plot_logps(curves, title, out.parent / f"{out.name}-{model}-{data}-logps.png", smoothing)
         if fig:
             figures.append(fig)
     sources = sorted({"wandb" if r.source.startswith("wandb:") else "run directories" for r in results})

@@ -7,7 +7,10 @@ what no run directory holds.
 """
 from __future__ import annotations
 
+import json
+import logging
 import os
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -15,6 +18,9 @@ from typing import Any, Iterable
 from cdpo.io import DataError, iter_jsonl, read_jsonl
 
 CURVES = ("logps/chosen", "logps/rejected")  # the paper's Figure 6
+# Rows of the evaluations shared by a run_dir's methods (eval/base.json, eval/sft.json), whatever `rows` is
+SHARED_ROWS = {"base": "Baseline (base model)", "sft_pos": "SFT (positive CE model)"}
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,12 +52,13 @@ def select(config: dict, dotted: str) -> Any:
     return node
 
 
-def _identity(config: dict, rows: str, where: str) -> tuple[str, str, str, int]:
-    values = {k: select(config, k) for k in ("model.name", "data.name", rows, "seed")}
+def _identity(config: dict, rows: str | None, where: str) -> tuple[str, str, str | None, int]:
+    """(model, data, row, seed); rows=None: no row key (the shared evaluations have a fixed row)."""
+    values = {k: select(config, k) for k in ("model.name", "data.name", rows or "seed", "seed")}
     missing = [k for k, v in values.items() if v is None]
     if missing:
         raise DataError(f"{where}: its config has no {', '.join(missing)}")
-    return values["model.name"], values["data.name"], str(values[rows]), int(values["seed"])
+    return values["model.name"], values["data.name"], rows and str(values[rows]), int(values["seed"])
 
 
 def _history(path: Path) -> list[dict]:
@@ -59,24 +66,56 @@ def _history(path: Path) -> list[dict]:
 
 
 def collect_local(roots: Iterable[str | os.PathLike], rows: str = "method.name") -> list[Result]:
-    """Every `eval.json` of a method dir under `roots` (run dirs or folders holding them)."""
-    import json
-
+    """Every `eval.json` of a method dir under `roots` (run dirs or folders holding them), and the base and
+    SFT evaluations of their run_dirs (see _shared_rows)."""
+    roots = [Path(root) for root in roots]
     results: dict[tuple, Result] = {}
     for root in roots:
-        root = Path(root)
         if not root.exists():
             raise FileNotFoundError(f"{root}: no such run directory")
         for path in sorted(root.rglob("eval.json")):
             summary = json.loads(path.read_text())
             model, data, row, seed = _identity(summary.get("config") or {}, rows, str(path))
-            predictions = path.with_suffix(".jsonl")
-            correct = ({r["id"]: int(r["samples"][0]["correct"]) for r in read_jsonl(predictions)}
-                       if predictions.exists() else None)
-            result = Result(model, data, row, seed, summary["accuracy"], summary["questions"], correct,
-                            _history(path.parent / "metrics.jsonl"), str(path.parent))
+            result = Result(model, data, row, seed, summary["accuracy"], summary["questions"],
+                            _correct(path.with_suffix(".jsonl")), _history(path.parent / "metrics.jsonl"),
+                            str(path.parent))
             _add(results, result)
-    return list(results.values())
+    return [*results.values(), *_shared_rows(roots, list(results.values()), rows)]
+
+
+def _correct(predictions: Path) -> dict[str, int] | None:
+    return {r["id"]: int(r["samples"][0]["correct"]) for r in read_jsonl(predictions)} if predictions.exists() else None
+
+
+def _shared_rows(roots: list[Path], methods: list[Result], rows: str) -> list[Result]:
+    """The base and SFT evaluations the eval stage stores once per run_dir (`compare`: eval/base.json,
+    eval/sft.json) as the rows of SHARED_ROWS, once per model x data set: run_dirs that evaluated the
+    same model (the same eval signature) count once. Left out: the base row where method=baseline rows
+    are there (the same evaluation), and a row whose run_dirs evaluated different models (an ablation
+    that changes the SFT model: which would it be?)."""
+    found: dict[tuple, dict[str, Result]] = defaultdict(dict)  # (model, data, row) -> signature -> result
+    for root in roots:
+        for path in sorted(root.rglob("eval/*.json")):
+            row = {"base": "base", "sft": "sft_pos"}.get(path.stem)
+            if row is None:
+                continue
+            summary = json.loads(path.read_text())
+            model, data, _, seed = _identity(summary.get("config") or {}, None, str(path))
+            signature = json.dumps(summary.get("signature") or str(path), sort_keys=True)
+            found[(model, data, row)].setdefault(signature, Result(
+                model, data, row, seed, summary["accuracy"], summary["questions"], _correct(path.with_suffix(".jsonl")),
+                source=str(path)))
+    baseline = {(r.model, r.data) for r in methods if r.row == "baseline" and rows == "method.name"}
+    out = []
+    for (model, data, row), by_signature in found.items():
+        if row == "base" and (model, data) in baseline:
+            continue
+        if len(by_signature) > 1:
+            log.info(f"report: row {SHARED_ROWS[row]!r} left out for {model} / {data}: its run directories "
+                     f"evaluated {len(by_signature)} different models")
+            continue
+        out.extend(by_signature.values())
+    return out
 
 
 def _add(results: dict, result: Result) -> None:

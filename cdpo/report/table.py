@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from collections import defaultdict
 from statistics import mean
 
 from cdpo.objectives import row_labels
-from cdpo.report.collect import Result
+from cdpo.report.collect import SHARED_ROWS, Result
 from cdpo.report.stats import mcnemar_exact, mean_std, paired_bootstrap
 
 MODEL_NAMES = {"llama3_8b": "Llama-3 8B", "llama3_70b": "Llama-3 70B", "deepseek_math_7b": "DeepSeek-math 7B",
                "smollm2_135m": "SmolLM2 135M", "tiny": "tiny"}
 DATA_NAMES = {"gsm8k": "GSM8K", "math500": "MATH500", "arith": "arith"}
 METHOD_NAMES = row_labels()  # Table 1's rows in order, from the objectives themselves
+log = logging.getLogger(__name__)
 
 
 def _order(names, preferred) -> list:
@@ -24,16 +26,20 @@ def _order(names, preferred) -> list:
 
 
 def _row_order(rows: set[str], rows_key: str) -> list[str]:
+    shared = [r for r in SHARED_ROWS if r in rows]  # base and SFT first, as in Table 1
+    rows = rows - set(shared)
     if rows_key == "method.name":
-        return _order(rows, list(METHOD_NAMES))
+        return shared + _order(rows, list(METHOD_NAMES))
     try:  # ablation values: numbers in numeric order
-        return sorted(rows, key=float)
+        return shared + sorted(rows, key=float)
     except ValueError:
-        return sorted(rows)
+        return shared + sorted(rows)
 
 
 def row_label(row: str, rows_key: str, short: bool = False) -> str:
     """"+ cDPO" in the table, "cDPO" in prose (short); "ce.b=0.5" for an ablation."""
+    if row in SHARED_ROWS:
+        return SHARED_ROWS[row]
     if rows_key != "method.name":
         return f"{rows_key}={row}"
     label = METHOD_NAMES.get(row, row)
@@ -60,6 +66,9 @@ class Table:
         self.groups = [(d, [(m, d) for m in models if any(c == (m, d) for c, _ in self.by_cell)]) for d in datas]
         self.columns = [c for _, cols in self.groups for c in cols]
         self.rows = _row_order({r.row for r in results}, rows_key)
+        if reference not in self.rows:
+            log.warning(f"report: reference={reference!r} is not a row of this report (its rows: "
+                        f"{', '.join(self.rows)}): nothing is tested against it")
         self.tests = {(col, row): self._compare(col, row, resamples, seed)
                       for col in self.columns for row in self.rows
                       if row != reference and self.by_cell.get((col, reference)) and self.by_cell.get((col, row))}
@@ -132,8 +141,10 @@ class Table:
 
     def markdown(self) -> str:
         header = self._header()
-        seeds = [len(c["seeds"]) for col in self.columns for row in self.rows if (c := self.cell(col, row))]
-        usual = max(set(seeds), key=lambda k: (seeds.count(k), k))  # the most common seed count
+        # the most common seed count of the methods (base and SFT: one evaluation each, of one model)
+        own = [row for row in self.rows if row not in SHARED_ROWS] or self.rows
+        seeds = [len(c["seeds"]) for col in self.columns for row in own if (c := self.cell(col, row))]
+        usual = max(set(seeds), key=lambda k: (seeds.count(k), k))
         lines = ["| " + " | ".join([self._row_title(), *(t for t, _ in header)]) + " |",
                  "|---" * (len(header) + 1) + "|"]
         for row in self.rows:
@@ -141,7 +152,7 @@ class Table:
             for _, spec in header:
                 v = self._value(spec, row)
                 text = "" if v is None else f"{v['mean']:.1f}" + ("" if v["std"] is None else f" ± {v['std']:.1f}")
-                if v is not None and spec[0] != "avg" and len(v["seeds"]) != usual:
+                if v is not None and spec[0] != "avg" and len(v["seeds"]) != usual and row in own:
                     text += f" (n={len(v['seeds'])})"
                 if v is not None and spec[0] != "avg" and row == self.reference and self.significant(spec):
                     text += "*"
