@@ -247,6 +247,8 @@ class CDPO(Objective):
     """
     name: str = "cdpo"
     label: ClassVar[str] = "+ cDPO"
+    # rows of their own (conf/method/<name>.yaml) that fix a setting: the report labels them
+    variants: ClassVar[dict[str, str]] = {"cdpo_per_position": "+ cDPO (per position)"}
     needs_scores: ClassVar[bool] = True
     beta: float = dataclasses.field(default=0.1, metadata=above(0))
     chosen_weighting: str = dataclasses.field(default="only_neg", metadata={"choices": ("only_neg", "p_ce")})
@@ -317,5 +319,9 @@ def _class_of(target: str) -> type:
 
 
 def row_labels() -> dict[str, str]:
-    """Method name -> the report's row label, in Table 1's order."""
-    return {name: cls.label or name for name, cls in REGISTRY.items()}
+    """Method name -> the report's row label, in Table 1's order (a class's variants right after it)."""
+    labels = {}
+    for name, cls in REGISTRY.items():
+        labels[name] = cls.label or name
+        labels.update(getattr(cls, "variants", {}))
+    return labels

@@ -38,10 +38,12 @@ def _compose_all(override_lists):
 
 def test_sweep_presets_cover_table1_and_the_ablations():
     assert {"table1", "embedded", *ABLATIONS} <= set(SWEEPS)
-    from cdpo.objectives import REGISTRY
+    from cdpo.objectives import REGISTRY, row_labels
 
-    # every registered objective is a row of both grids, in the report's order (one list: the registry)
-    assert _hydra_grid("embedded") == {"method": list(REGISTRY), "seed": ["0", "1", "2"]}
+    # every registered objective is a row of both grids, in the report's order (one list: the registry);
+    # the embedded grid also has cDPO's per-position form as a row of its own
+    assert _hydra_grid("embedded") == {"method": list(row_labels()), "seed": ["0", "1", "2"]}
+    assert list(row_labels()) == [*REGISTRY, "cdpo_per_position"]
     table1 = _hydra_grid("table1")
     assert table1["method"] == list(REGISTRY)
     assert len(table1["+experiment"]) * len(table1["method"]) * len(table1["seed"]) == 6 * 8 * 3
@@ -91,8 +93,8 @@ def test_embedded_grid_script_end_to_end(tmp_path):
     subprocess, then the report. Shared stages run once; each method and seed trains its own adapter."""
     run, out = tmp_path / "run", tmp_path / "reports" / "embedded"
     tok = load_tokenizer("embedded:smollm2-135m-instruct")
-    run_pipeline(_cfg(run, "stage=sample"))
-    _inject_correct_samples(RunPaths(_cfg(run)), tok)  # a random tiny model never answers right
+    run_pipeline(_cfg(run, "+sweep=embedded", "stage=sample"))  # the grid's settings (its grading)
+    _inject_correct_samples(RunPaths(_cfg(run, "+sweep=embedded")), tok)  # a random tiny model never answers right
     trajectories = read_jsonl(run / "trajectories.jsonl")
 
     env = {**os.environ, "RUN_DIR": str(run), "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
@@ -104,10 +106,10 @@ def test_embedded_grid_script_end_to_end(tmp_path):
     log = proc.stdout
     ran = {stage: log.count(f"[{stage}] running") for stage in ("sample", "select", "sft_pos", "sft_neg", "score",
                                                                  "align", "eval")}
-    assert ran == {"sample": 0, "select": 1, "sft_pos": 1, "sft_neg": 1, "score": 1, "align": 14, "eval": 16}
+    assert ran == {"sample": 0, "select": 1, "sft_pos": 1, "sft_neg": 1, "score": 1, "align": 16, "eval": 18}
     assert read_jsonl(run / "trajectories.jsonl") == trajectories  # no job resampled
 
-    methods = ("baseline", "sft", "dpo", "tokendpo", "rpo", "simpo", "ipo", "cdpo")
+    methods = ("baseline", "sft", "dpo", "tokendpo", "rpo", "simpo", "ipo", "cdpo", "cdpo_per_position")
     for method in methods:
         for seed in (0, 1):
             assert (run / f"{method}-seed{seed}" / "eval.jsonl").exists(), (method, seed)
@@ -118,12 +120,22 @@ def test_embedded_grid_script_end_to_end(tmp_path):
 
     md = (out.parent / "embedded.md").read_text()
     assert md in log  # the report printed what it wrote
-    for label in ("Baseline", "+ SFT", "+ DPO", "+ TokenDPO", "+ RPO", "+ SimPO", "+ IPO", "+ cDPO"):
+    for label in ("Baseline", "+ SFT", "+ DPO", "+ TokenDPO", "+ RPO", "+ SimPO", "+ IPO", "+ cDPO",
+                  "+ cDPO (per position)"):
         assert f"| {label} | 0.0 ± 0.0 |" in md  # a random model: 0 of 3 questions, 2 seeds each
     # the run_dir's shared SFT evaluation (the positive CE model) is a row too; its base evaluation is the baseline's
     assert "| SFT (positive CE model) | 0.0 |" in md and "Baseline (base model)" not in md
-    assert sum(line.startswith("| arith tiny |") for line in md.splitlines()) == 8  # cDPO vs each other row
+    assert sum(line.startswith("| arith tiny |") for line in md.splitlines()) == 9  # cDPO vs each other row
     csv_rows = (out.parent / "embedded.csv").read_text().splitlines()
-    assert len(csv_rows) == 10 and sum(",2,0;1," in r for r in csv_rows[1:]) == 8 and ",sft_pos,1," in csv_rows[1]
+    assert len(csv_rows) == 11 and sum(",2,0;1," in r for r in csv_rows[1:]) == 9 and ",sft_pos,1," in csv_rows[1]
+    # the second significance table: every row against the authors' per-position form
+    md_pp = (out.parent / "embedded-per_position.md").read_text()
+    assert "| arith tiny | + cDPO |" in md_pp and "| arith tiny | + cDPO (per position) |" not in md_pp
+    assert "| arith tiny | + cDPO (per position) |" in md
+    # the two cDPO forms trained differently (same data, seed and initialisation)
+    seq, pp = ((run / f"{m}-seed0" / "adapter" / "adapter_model.safetensors").read_bytes()
+               for m in ("cdpo", "cdpo_per_position"))
+    assert seq != pp
+    assert "grid wall time:" in log
     png = out.parent / "embedded-tiny-arith-logps.png"
     assert png.read_bytes()[:4] == b"\x89PNG" and f"]({png.name})" in md
