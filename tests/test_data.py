@@ -231,6 +231,11 @@ def test_load_problems_arith_defaults_and_overrides():
     test = load_problems("arith", "test")
     assert len(test) == 200 and test[0].id == "arith-test-00000"
     assert load_problems("arith", "test", limit=7) == test[:7]
+    # a limit beyond the default size asks for that many (the second embedded grid's 2300 test questions),
+    # the default set its prefix, none of them a training question
+    many = load_problems("arith", "test", limit=2300)
+    assert len(many) == len({p.question for p in many}) == 2300 and many[:200] == test
+    assert not {p.question for p in many} & {p.question for p in load_problems("arith", "train", limit=3000)}
     few = load_problems("arith", "train", n=5, seed=4, steps=3)
     assert few == generate_arith(5, seed=4, steps=3, split="train")
 

@@ -186,8 +186,8 @@ def load_problems(source: str, split: str = "test", *, limit: int | None = None,
     if source == "arith":
         _check_split(source, split)
         n = task_kwargs.pop("n", None)
-        if n is None:  # generation is sequential, so a prefix of the default set equals a smaller n
-            n = arith.DEFAULT_SIZES[split] if limit is None else min(limit, arith.DEFAULT_SIZES[split])
+        if n is None:  # generation is sequential: a smaller n is a prefix of a larger one, so a limit asks
+            n = arith.DEFAULT_SIZES[split] if limit is None else limit  # for exactly that many (also beyond the default)
         return _take(arith.generate_arith(n, split=split, **task_kwargs), limit)
     if source.startswith("jsonl:"):
         return _take(_load_jsonl(source[len("jsonl:"):], split, fields), limit)
