@@ -92,8 +92,8 @@ def _adapter_config(adapter: Path) -> dict:
 
 
 def _check_out(out: Path, adapter: Path, overwrite: bool) -> None:
-    if out == adapter or adapter in out.parents:
-        raise ExportError(f"out={out} is (inside) the adapter directory: choose another directory")
+    if out == adapter or adapter in out.parents or out in adapter.parents:  # overwrite would delete the adapter
+        raise ExportError(f"out={out} is, is inside or holds the adapter directory: choose another directory")
     if out.exists() and not out.is_dir():
         raise ExportError(f"out={out} is a file: choose a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:

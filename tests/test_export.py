@@ -307,10 +307,13 @@ def test_bad_arguments_are_refused_before_any_work(tiny, tmp_path):
         ((tmp_path / "notes", tmp_path / "o"), "is not a PEFT adapter directory: adapter_config.json, "
                                                "adapter_model.safetensors missing"),
         ((adapter, tmp_path / "notes"), "exists and is not empty: choose another directory, or overwrite=true"),
-        ((adapter, adapter), "is (inside) the adapter directory"),
+        ((adapter, adapter), "is, is inside or holds the adapter directory"),
+        ((adapter, adapter / "sub"), "is, is inside or holds the adapter directory"),
+        # out=<the method dir> with overwrite: replacing it would delete the adapter (and the run's results)
+        ((adapter, adapter.parent), "is, is inside or holds the adapter directory"),
     ]:
         with pytest.raises(UserError) as err:
-            export(*args, merge=True)
+            export(*args, merge=True, overwrite=True) if args[1] == adapter.parent else export(*args, merge=True)
         assert expect in str(err.value)
     with pytest.raises(UserError, match="dtype=float8: unknown dtype"):
         export(adapter, tmp_path / "o", merge=True, dtype="float8")

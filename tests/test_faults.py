@@ -266,6 +266,29 @@ def test_changed_inputs_and_settings_change_every_downstream_result(tmp_path, re
     assert json.loads((other / "eval.json").read_text())["config"]["method"]["beta"] == 0.3
 
 
+def test_a_stage_run_alone_refuses_inputs_made_from_older_upstream_results(tmp_path, ref):
+    """stage=align after the pairs changed (edited and accepted) but before score was redone: the scores are
+    intact and of the same settings, yet made from the old pairs, so align refuses them (and eval the policy
+    made from them); stage=score, then stage=align run."""
+    run = _copy(ref["done"], tmp_path / "run")
+    paths = RunPaths(_cfg(run))
+    pairs = read_jsonl(paths.pairs)
+    pairs[0]["chosen_ids"] = pairs[0]["chosen_ids"][:-2] + pairs[0]["chosen_ids"][-1:]
+    write_jsonl(paths.pairs, pairs)
+    accept(paths, "select")
+    scores_before = paths.scored_pairs.read_bytes()
+    with pytest.raises(StaleInputError, match=r"scored_pairs.jsonl was made from inputs that have changed since "
+                                              r"\(pairs.jsonl changed\): run stage=score first"):
+        run_pipeline(_cfg(run, "stage=align"))
+    run_pipeline(_cfg(run, "stage=score"))
+    with pytest.raises(StaleInputError, match=r"adapter was made from inputs that have changed since "
+                                              r"\(scored_pairs.jsonl changed\): run stage=align first"):
+        run_pipeline(_cfg(run, "stage=eval"))  # the policy was trained on the old scores
+    assert paths.scored_pairs.read_bytes() != scores_before  # score was redone from the new pairs ...
+    assert "align" in run_pipeline(_cfg(run, "stage=align"))["seconds"]  # ... and align accepts them
+    run_pipeline(_cfg(run, "stage=eval"))
+
+
 def test_data_file_change_redoes_the_samples(tmp_path):
     """A fixed gold answer in the training file: sampling is redone (graded against the new answer)."""
     from cdpo.data import load_problems

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cdpo.objectives import REGISTRY, ConfigError, PairLogps, build, from_config
+from cdpo.objectives import CDPO, REGISTRY, ConfigError, PairLogps, build, from_config, row_labels
 from test_losses import _leaves, _pair_batch, naive_logsig, naive_sum, trl_dpo
 
 
@@ -140,8 +140,12 @@ CONF = Path(__file__).parents[1] / "conf" / "method"
 
 
 def _method_cfg(path):
-    """A method config as the train config holds it (its interpolations resolve against the root)."""
-    return OmegaConf.create({"cdpo_loss_form": "sequence", "method": OmegaConf.load(path)}).method
+    """A method config as the train config holds it: composed by Hydra (a variant extends its class's
+    config through its defaults list), its interpolations resolved against the root."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF.parent), version_base="1.3"):
+        return compose(config_name="train", overrides=[f"method={path.stem}"]).method
 
 
 
@@ -171,8 +175,13 @@ def test_unknown_key_and_missing_target_are_named():
 
 def test_every_method_config_builds_its_objective():
     built = {p.stem: from_config(_method_cfg(p)) for p in CONF.glob("*.yaml")}
-    assert set(built) == set(REGISTRY)
-    assert all(type(o) is REGISTRY[name] and o.name == name for name, o in built.items())
+    assert set(built) == set(row_labels()) == {*REGISTRY, "cdpo_per_position"}
+    assert all(type(o) is REGISTRY[name] and o.name == name for name, o in built.items() if name in REGISTRY)
+    # the authors' form as a row of its own: cDPO with only the loss form fixed
+    variant, cdpo = built["cdpo_per_position"], built["cdpo"]
+    assert type(variant) is CDPO and variant.name == "cdpo_per_position"
+    assert (variant.loss_form, cdpo.loss_form) == ("per_position", "sequence")
+    assert {**vars(variant), "name": "", "loss_form": ""} == {**vars(cdpo), "name": "", "loss_form": ""}
 
 
 # ---------------------------------------------------------------------------- cDPO, the authors' per-position form

@@ -230,6 +230,13 @@ def test_pipeline_on_user_preferences_cdpo_and_dpo(tmp_path, caplog, tok):
     assert_loads_as_datasets(paths.run, expect=("bad_rows.jsonl", "pairs.jsonl", "scored_pairs.jsonl",
                                                 "eval/base.jsonl", "dpo-seed0/eval.jsonl"))
 
+    # the user edits the file: a stage further down (align on scores of the old rows, eval of a policy trained
+    # on them) refuses to run until select is redone
+    path.write_text(path.read_text().replace("Tom", "Tim", 1))
+    for stage, method in (("align", "cdpo"), ("score", "cdpo"), ("eval", "dpo")):
+        with pytest.raises(StaleInputError, match=r"pairs.jsonl was imported from other contents of .*prefs.jsonl"):
+            run_pipeline(_pref_cfg(tmp_path, path, f"stage={stage}", f"method={method}", "data.eval_source=arith"))
+
 
 def test_the_users_file_keys_the_imported_pairs(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="cdpo")
@@ -261,3 +268,31 @@ def test_the_users_file_keys_the_imported_pairs(tmp_path, caplog):
     summary = run_pipeline(select)["stages"]["select"]
     assert summary["bad_rows"] == 0 and not paths.bad_rows.exists()
     assert run_pipeline(select)["seconds"] == {}
+
+
+def test_tokenizers_without_or_with_a_strict_chat_template_and_a_byte_order_mark(tmp_path):
+    import copy
+
+    rows = _rows(4)
+    rows[2]["prompt"] = [{"role": "system", "content": "Be brief."}, *rows[2]["prompt"]]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("\ufeff" + "".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")  # a BOM first
+    lengths = dict(max_length=512, max_prompt_length=256)
+    tok = copy.deepcopy(load_tokenizer("embedded:smollm2-135m-instruct"))
+    pairs, bad = load_preferences(str(path), tok, **lengths)
+    assert len(pairs) == 4 and not bad  # the BOM is not part of the first row
+
+    # a template that refuses system turns (as Gemma's does): that row is a bad row, the others are imported
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role "
+                         "not supported') }}{% endif %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>")
+    pairs, bad = load_preferences(str(path), tok, **lengths)
+    assert len(pairs) == 3 and [(b["where"], b["kind"]) for b in bad] == [(f"{path}:3", "chat template")]
+    assert "System role not supported" in bad[0]["reason"]
+
+    # a base model's tokenizer has no chat template: one clear error naming the setting to use instead
+    tok.chat_template = None
+    with pytest.raises(DataError, match=r"data.prompt_format=chat, but the tokenizer .* has no chat template .*"
+                                        r"data.prompt_format=plain"):
+        load_preferences(str(path), tok, **lengths)
+    pairs, bad = load_preferences(str(path), tok, prompt_format="plain", template="Q: {prompt}\nA: ", **lengths)
+    assert len(pairs) == 4 and pairs[0]["prompt"].startswith("Q: ")

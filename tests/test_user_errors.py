@@ -15,7 +15,7 @@ from cdpo import hub
 from cdpo.validation import problems
 
 REPO = Path(__file__).resolve().parents[1]
-OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "CDPO_MATH_TRAIN")
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE", "CDPO_MATH_TRAIN", *hub.PROXY_VARIABLES)
 
 
 def _closed_port() -> int:
@@ -58,6 +58,18 @@ def test_hub_model_without_hub_fails_at_once_naming_model_path(tmp_path, why):
     assert "Retry" not in proc.stdout + proc.stderr and "[sample]" not in proc.stdout  # no hub retries, no stage
     assert not (tmp_path / "run" / "trajectories.jsonl").exists()
     assert seconds < 30  # a minute of retries before
+
+
+def test_behind_a_proxy_the_hub_is_not_probed_directly(monkeypatch):
+    """A cluster whose only way out is a proxy: a direct TCP probe would fail and refuse a model the hub
+    libraries can download through the proxy, so the probe stands aside."""
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    for var in hub.PROXY_VARIABLES:
+        monkeypatch.delenv(var, raising=False)
+    assert not hub.reachable()
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("probed directly"))
+    assert hub.reachable() and hub.unavailable() is None
 
 
 def test_loading_a_hub_model_asks_the_probe_not_the_hub(tmp_path):

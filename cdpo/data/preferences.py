@@ -59,7 +59,7 @@ def path_kind(path: str) -> str:
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (some Windows tools write one) is not data
     if text.lstrip().startswith("["):  # one JSON array
         try:
             rows = json.loads(text)
@@ -205,8 +205,15 @@ def render_prompt(prompt: str | list[dict], tok, *, prompt_format: str, template
     """The text the model continues. chat: the tokenizer's chat template (a text prompt is one user message);
     plain: `template` with {prompt} replaced by the text (a conversation's contents, one per paragraph)."""
     if prompt_format == "chat":
+        if not getattr(tok, "chat_template", None):
+            raise DataError(f"data.prompt_format=chat, but the tokenizer of {tok.name_or_path} has no chat template "
+                            "(a base model): use data.prompt_format=plain with data.prompt_template, e.g. "
+                            "'Question: {prompt}\nAnswer: '")
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # e.g. a template that refuses a system turn: this row's problem, not the run's
+            raise BadRow("chat template", f"the chat template refuses this prompt ({type(e).__name__}: {e})") from None
     if prompt_format != "plain":
         raise ValueError(f"data.prompt_format={prompt_format!r}: choose one of {', '.join(PROMPT_FORMATS)}")
     text = prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in prompt)

@@ -282,6 +282,12 @@ def check_artifact(paths: RunPaths, stage: str, path: Path, marker: dict | None 
 def check_inputs(cfg: DictConfig, paths: RunPaths, stage: str) -> None:
     """Refuse to run `stage` on inputs that are missing, unfinished, made with other settings or damaged:
     the result would mix them with this run's settings."""
+    if paths.preference and stage not in ("sample", "select"):  # an edited preference file, at any depth
+        imported_from = read_marker(paths, "select") or {}
+        imported = ((imported_from.get("identity") or {}).get("inputs") or {}).get("preferences")
+        if imported is not None and imported != preferences_digest(cfg.data):
+            raise StaleInputError(f"{paths.pairs} was imported from other contents of {cfg.data.path}: run "
+                                  "stage=select first, or stage=all")
     for up, path in input_files(cfg, paths, stage):
         marker = read_marker(paths, up)
         if marker is None:
@@ -292,11 +298,11 @@ def check_inputs(cfg: DictConfig, paths: RunPaths, stage: str) -> None:
             raise StaleInputError(
                 f"{path} was made with other settings ({'; '.join(changed[:4])}): running {stage} on it would mix "
                 f"them with this run's; run stage={up} first, or stage=all")
-        if up == "select" and paths.preference:  # an edited preference file: its rows are no longer these
-            imported = ((marker.get("identity") or {}).get("inputs") or {}).get("preferences")
-            if imported != preferences_digest(cfg.data):
-                raise StaleInputError(f"{path} was imported from other contents of {cfg.data.path}: run stage=select "
-                                      "first, or stage=all")
+        # an input made from inputs that have changed since (an upstream stage redone or accepted): stale
+        current = stage_identity(cfg, paths, up)
+        if (marker.get("identity") or {}).get("hash") != current["hash"]:
+            raise StaleInputError(f"{path} was made from inputs that have changed since "
+                                  f"({_why_other(paths, up, cfg, marker, current)}): run stage={up} first, or stage=all")
         if check_artifact(paths, up, path, marker) == "missing":
             raise StaleInputError(f"{path}: missing: run stage={up} first, or stage=all")
 

@@ -97,7 +97,10 @@ def model_identity(model_cfg) -> str:
     config = local / "config.json"
     files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(local.iterdir()) if p.is_file()
              and p.suffix in (".safetensors", ".bin", ".pt", ".gguf")]
-    return text_digest([config.read_text() if config.exists() else None, files, model_cfg.get("dtype")])
+    # the tokenizer and its chat template make the prompts' tokens (small files: by content)
+    tokenizer = [(p.name, p.read_text(errors="replace")) for p in sorted(local.iterdir()) if p.is_file()
+                 and (p.name.startswith(("tokenizer", "special_tokens_map", "chat_template")) or p.suffix == ".jinja")]
+    return text_digest([config.read_text() if config.exists() else None, files, model_cfg.get("dtype"), tokenizer])
 
 
 def questions_digest(problems: Iterable) -> str:
