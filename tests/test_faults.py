@@ -101,11 +101,17 @@ def test_signals_at_random_points_of_every_stage_resume_to_the_same_result(tmp_p
     (SIGKILL: killed), and the rerun's artifacts equal those of an uninterrupted run, byte for byte."""
     rng = random.Random(seed)
     run = _copy(ref["sampled"], tmp_path / "run")
+    paths, stopped = RunPaths(_cfg(run)), 0
     for stage, sig in KILLS[seed]:
-        code, out = _kill_during(_train(run), stage, rng.uniform(0.0, 1.5), sig)
+        delay = rng.uniform(0.0, 1.5)
+        if paths.marker(stage).exists():  # a signal that landed late (the tiny stages take about a second)
+            continue                      # let the stage finish: there is nothing left to stop in it
+        code, out = _kill_during(_train(run), stage, delay, sig)
         assert code in _stopped_codes(sig, out), (stage, sig, out[-2000:])
         if sig != signal.SIGKILL:  # (a stop raised inside a finaliser is printed as "Exception ignored")
             assert f"train.py: stopped by {signal.Signals(sig).name}; " in out, out[-2000:]
+        stopped += 1
+    assert stopped >= 2  # most stops land in the stage they were aimed at
     run_pipeline(_cfg(run))
     _assert_same(run, ref["done"])
     results = json.loads((run / "cdpo-seed0" / "eval.json").read_text())
