@@ -279,9 +279,10 @@ def check_artifact(paths: RunPaths, stage: str, path: Path, marker: dict | None 
     return None
 
 
-def check_inputs(cfg: DictConfig, paths: RunPaths, stage: str) -> None:
+def check_inputs(cfg: DictConfig, paths: RunPaths, stage: str, known: dict[str, dict] | None = None) -> None:
     """Refuse to run `stage` on inputs that are missing, unfinished, made with other settings or damaged:
-    the result would mix them with this run's settings."""
+    the result would mix them with this run's settings. `known`: identities already computed in this run
+    (stage -> identity), not computed again."""
     if paths.preference and stage not in ("sample", "select"):  # an edited preference file, at any depth
         imported_from = read_marker(paths, "select") or {}
         imported = ((imported_from.get("identity") or {}).get("inputs") or {}).get("preferences")
@@ -299,7 +300,7 @@ def check_inputs(cfg: DictConfig, paths: RunPaths, stage: str) -> None:
                 f"{path} was made with other settings ({'; '.join(changed[:4])}): running {stage} on it would mix "
                 f"them with this run's; run stage={up} first, or stage=all")
         # an input made from inputs that have changed since (an upstream stage redone or accepted): stale
-        current = stage_identity(cfg, paths, up)
+        current = (known or {}).get(up) or stage_identity(cfg, paths, up)
         if (marker.get("identity") or {}).get("hash") != current["hash"]:
             raise StaleInputError(f"{path} was made from inputs that have changed since "
                                   f"({_why_other(paths, up, cfg, marker, current)}): run stage={up} first, or stage=all")

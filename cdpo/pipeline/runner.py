@@ -86,11 +86,11 @@ def _run_stages(cfg: DictConfig, paths: RunPaths, stages: list[str]) -> dict:
     source = None
     if reuse_from:
         source = RunPaths(OmegaConf.create({"run_dir": reuse_from, "method_dir": reuse_from, "data": cfg.data}))
-    timings, summaries = {}, {}
+    timings, summaries, identities = {}, {}, {}
     for stage in stages:
         signals.check()  # a signal whose exception was swallowed stops at the next stage at the latest
-        artifacts.check_inputs(cfg, paths, stage)
-        identity = artifacts.stage_identity(cfg, paths, stage)
+        artifacts.check_inputs(cfg, paths, stage, known=identities)
+        identity = identities[stage] = artifacts.stage_identity(cfg, paths, stage)
         if stage != "eval" and artifacts.finished(paths, stage, identity, cfg):
             log.info(f"[{stage}] done already ({paths.marker(stage)}): skipped")
             summaries[stage] = artifacts.read_marker(paths, stage)
