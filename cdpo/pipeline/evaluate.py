@@ -56,10 +56,11 @@ def cached_result(out: Path, signature: dict) -> dict | None:
 
 
 def evaluate_model(cfg: DictConfig, model, tok, out_path: Path, label: str, signature: dict | None = None,
-                   bar: Progress | None = None) -> dict:
-    """`bar`: the eval stage's one bar over every model it evaluates (else one for this model)."""
+                   bar: Progress | None = None, problems: list | None = None) -> dict:
+    """`bar`: the eval stage's one bar over every model it evaluates (else one for this model); `problems`:
+    the test questions when the caller has loaded them already."""
     e = cfg.eval
-    problems = context.problems(cfg, e.split, e.limit)
+    problems = problems if problems is not None else context.problems(cfg, e.split, e.limit)
     stats = GenerationStats()
     records = generate_graded(cfg, model, tok, problems, n=e.n, temperature=e.temperature, top_p=e.get("top_p", 1.0),
                               max_new_tokens=cfg.generation.max_new_tokens, seed=cfg.seed, desc=f"eval {label}",
@@ -110,7 +111,7 @@ def run(cfg: DictConfig, paths: RunPaths) -> dict:
         with context.generation_models(cfg) as model_for, Progress("eval", len(labels) * per_model, "seq") as bar:
             bar.resume((len(labels) - len(todo)) * per_model)
             for label, key, out, adapter, signature in todo:  # one vLLM engine serves every adapter
-                results[label] = evaluate_model(cfg, model_for(adapter, key), tok, out, label, signature, bar)
+                results[label] = evaluate_model(cfg, model_for(adapter, key), tok, out, label, signature, bar, problems)
     own = paths.eval_file("aligned")
     if baseline:  # a result file in the method dir like every other method's: the report reads those
         write_jsonl(own, read_jsonl(paths.eval_file("base")))
