@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from cdpo.errors import UserError
+from cdpo.io import replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def export(adapter, out, *, merge: bool = False, model: str | None = None, base_
             _write_adapter(adapter, config, base, tmp)
         card = model_card.render(name=push_to or out.name, base=base, merged=merge, run=run, notes=notes)
         (tmp / "README.md").write_text(card, encoding="utf-8")
-        _publish(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if push_to:
@@ -164,18 +165,6 @@ def _write_merged(adapter: Path, source: str, directory: Path, dtype: str) -> No
     merged.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Put the finished `tmp` in place of `out` (replacing an old one only once the new one is complete)."""
-    tmp.chmod(0o755)  # mkdtemp makes it private
-    old = None
-    if out.exists():
-        old = out.with_name(f"{tmp.name}-old")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def hub_token(api, repo_id: str) -> str:

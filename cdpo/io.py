@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -71,3 +72,16 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     path = Path(path)
     _atomic_write_text(path, lambda f: json.dump(obj, f, indent=2, ensure_ascii=False, default=str))
     return path
+
+
+def replace_dir(new: Path, path: Path) -> None:
+    """Put the finished directory `new` in place of `path` (on the same filesystem). An old `path` is moved
+    aside first and deleted only once `new` is in place, so a crash leaves one of the two whole."""
+    new.chmod(0o755)  # mkdtemp makes directories private
+    old = None
+    if path.exists():
+        old = new.with_name(f"{new.name}-old")
+        path.rename(old)
+    new.rename(path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

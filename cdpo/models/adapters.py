@@ -16,6 +16,7 @@ from pathlib import Path
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from cdpo.errors import UserError
+from cdpo.io import replace_dir
 
 # The paper's LoRA settings (Sec. 3 / Appendix): CE models and the cDPO policy.
 PAPER_CE_LORA = dict(r=8, alpha=16, dropout=0.1, target_modules=["gate_proj", "up_proj", "down_proj"])
@@ -113,9 +114,7 @@ def save_adapter(model: PeftModel, name: str, path: str | Path, state_dict: dict
             written = tmp if name == "default" else tmp / name
         else:
             written = _write_adapter(model, name, state_dict, tmp)
-        if path.exists():
-            shutil.rmtree(path)
-        written.rename(path)
+        replace_dir(written, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
