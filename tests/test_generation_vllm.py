@@ -154,7 +154,7 @@ def test_vllm_outputs_are_finished_like_hf_generate_output(case, fake_vllm):
 
 def test_engine_settings_and_lora_requests_from_the_config(fake_vllm, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    cfg = _cfg("model=smollm2_135m", "generation.tensor_parallel_size=4", "peft.r=12")
+    cfg = _cfg("model=smollm2_135m", "model.dtype=bf16-if-native", "generation.tensor_parallel_size=4", "peft.r=12")
     engine = VLLMEngine.from_config(cfg)
     kw = fake_vllm.engines[-1].kwargs
     assert kw["tensor_parallel_size"] == 4 and kw["dtype"] == "auto" and kw["enable_lora"]  # bf16-if-native

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cdpo.errors import UserError
+from cdpo.hashing import cache_root, file_sha256, model_digest
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,8 @@ EMBEDDED_PREFIX = "embedded:"
 DEFAULT_EMBEDDED = "smollm2-135m-instruct"
 DEFAULT_EMBEDDED_ALIAS = EMBEDDED_PREFIX + DEFAULT_EMBEDDED
 
-# Bump when the cache layout changes: older caches are then rebuilt.
-_CACHE_FORMAT = 1
+# Bump when the cache layout changes: older caches are then rebuilt. 2: the marker records the files' hashes.
+_CACHE_FORMAT = 2
 _MARKER = "cdpo_embedded.json"
 
 
@@ -95,10 +96,6 @@ def embedded_of_dir(path: str | Path) -> str | None:
     return path.name if (path / _MARKER).is_file() or path.parent.name == "cdpo" else None
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("CDPO_CACHE_DIR") or Path.home() / ".cache" / "cdpo").expanduser()
-
-
 def gguf_path(name: str = DEFAULT_EMBEDDED) -> Path:
     """Path of the GGUF inside its package, found without importing the package.
 
@@ -118,15 +115,20 @@ def gguf_path(name: str = DEFAULT_EMBEDDED) -> Path:
 
 
 def embedded_model_dir(name: str = DEFAULT_EMBEDDED) -> Path:
-    """Directory of the converted checkpoint, converting the GGUF on first use."""
+    """Directory of the converted checkpoint, converting the GGUF on first use. The files are checked
+    against the hashes recorded at conversion (free while they are unchanged, see cdpo.hashing): a
+    damaged, truncated or missing file is converted again, never used."""
     key = _canonical(name)
     final = cache_root() / key
-    if _is_complete(final):
+    if _is_complete(final) and _damage(final) is None:
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     with _lock(final.parent / f".{key}.lock"):
-        if _is_complete(final):  # another process finished while we waited
-            return final
+        if _is_complete(final):
+            damage = _damage(final)
+            if damage is None:  # another process finished while we waited
+                return final
+            log.warning(f"the converted {EMBEDDED_MODELS[key].label} in {final} is damaged ({damage}): converting it again")
         _remove_orphans(final)
         gguf = gguf_path(key)
         log.info(f"converting {EMBEDDED_MODELS[key].label} GGUF once -> {final} (about 30 s)")
@@ -148,11 +150,27 @@ def _canonical(name: str) -> str:
     return key
 
 
-def _is_complete(path: Path) -> bool:
+def _marker(path: Path) -> dict:
     try:
-        return json.loads((path / _MARKER).read_text()).get("format") == _CACHE_FORMAT
+        marker = json.loads((path / _MARKER).read_text())
+        return marker if isinstance(marker, dict) else {}
     except (OSError, ValueError):
-        return False
+        return {}
+
+
+def _is_complete(path: Path) -> bool:
+    return _marker(path).get("format") == _CACHE_FORMAT
+
+
+def _damage(path: Path) -> str | None:
+    """What differs from the hashes the conversion recorded, or None when every file is as written."""
+    for name, sha in _marker(path).get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file_sha256(file) != sha:
+            return f"{name} differs from the hash recorded when it was converted"
+    return None
 
 
 @contextlib.contextmanager
@@ -189,7 +207,8 @@ def _publish(tmp: Path, final: Path) -> None:
 
 
 def _write_marker(directory: Path, gguf: Path) -> None:
-    info = {"format": _CACHE_FORMAT, "source": gguf.name, "source_bytes": gguf.stat().st_size}
+    info = {"format": _CACHE_FORMAT, "source": gguf.name, "source_bytes": gguf.stat().st_size,
+            "files": model_digest(directory)}
     (directory / _MARKER).write_text(json.dumps(info, indent=2) + "\n")
 
 

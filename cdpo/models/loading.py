@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from cdpo import hub
@@ -36,6 +38,10 @@ QUANTIZATIONS = ("nf4",)
 class OfflineHubError(UserError, OSError):
     """A hub id was asked for while the hub cannot be reached (offline, or no answer) and it is not in the
     local cache."""
+
+
+class DamagedModelError(UserError, OSError):
+    """A local checkpoint whose weights cannot be read (truncated, emptied, not a checkpoint)."""
 
 
 class QuantizationUnavailableError(UserError, RuntimeError):
@@ -200,6 +206,24 @@ def resolve_source(name_or_path: str) -> str:
     return name_or_path
 
 
+def damaged_weight_file(directory: Path) -> Path | None:
+    """The first weight file of a checkpoint directory whose header cannot be read, or None."""
+    from safetensors import safe_open
+
+    for path in sorted(directory.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError):
+            return path
+    for path in sorted(directory.glob("*.bin")):
+        try:
+            torch.load(path, map_location="meta", weights_only=True, mmap=True)
+        except Exception:  # torch raises many kinds (pickle, zip, runtime) for a damaged file
+            return path
+    return None
+
+
 def _looks_like_path(name: str) -> bool:
     # hub ids are "name" or "org/name"; anything else is meant as a path
     return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
@@ -208,7 +232,17 @@ def _looks_like_path(name: str) -> bool:
 def _from_pretrained(cls, name_or_path: str, **kwargs):
     source = resolve_source(name_or_path)
     if Path(source).exists():
-        return cls.from_pretrained(source, **kwargs)
+        if cls is AutoTokenizer:
+            return cls.from_pretrained(source, **kwargs)
+        try:
+            return cls.from_pretrained(source, **kwargs)
+        except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as e:
+            damaged = damaged_weight_file(Path(source))
+            if damaged is None:
+                raise
+            raise DamagedModelError(
+                f"{damaged}: the model's weights cannot be read ({str(e).splitlines()[0][:160]}); the file is "
+                "damaged or incomplete: restore it, or download / export the model again") from None
     # Offline, or a hub that does not answer the probe: the local hub cache only. Asking the hub
     # would retry every file for about a minute before failing.
     why = "offline: HF_HUB_OFFLINE is set" if hub_offline() else hub.unavailable()

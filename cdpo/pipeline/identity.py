@@ -87,20 +87,61 @@ def verify(path: Path, expected: dict) -> str | None:
 
 
 def model_identity(model_cfg) -> str:
-    """The base model: tiny and embedded models by name (fixed code and shipped weights), a hub id with
-    its revision, a local directory by its config and its weight files' names, sizes and mtimes (hashing
-    16-140 GB of weights at every start would cost minutes)."""
-    path = str(model_cfg.get("path"))
-    local = Path(path)
-    if path.startswith(("tiny:", "embedded:")) or not local.is_dir():
-        return text_digest([path, model_cfg.get("revision"), model_cfg.get("dtype")])
-    config = local / "config.json"
-    files = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(local.iterdir()) if p.is_file()
-             and p.suffix in (".safetensors", ".bin", ".pt", ".gguf")]
-    # the tokenizer and its chat template make the prompts' tokens (small files: by content)
-    tokenizer = [(p.name, p.read_text(errors="replace")) for p in sorted(local.iterdir()) if p.is_file()
-                 and (p.name.startswith(("tokenizer", "special_tokens_map", "chat_template")) or p.suffix == ".jinja")]
-    return text_digest([config.read_text() if config.exists() else None, files, model_cfg.get("dtype"), tokenizer])
+    """The base model by the content of what decides its outputs (weights, config, tokenizer and chat
+    template; cdpo.hashing.model_files), and the dtype it computes in, resolved on this machine
+    ("bf16-if-native" is bfloat16 on one machine and float32 on another). Tiny models are made by code
+    from their name. A file is hashed once per version of it, so this stays cheap after the first time."""
+    path, revision, dtype = str(model_cfg.get("path")), model_cfg.get("revision"), model_cfg.get("dtype")
+    if path.startswith("tiny:"):
+        return text_digest([path, revision, dtype])
+    from cdpo.hashing import model_digest
+
+    return text_digest(["content", model_digest(model_directory(path, revision)), resolved_dtype(dtype)])
+
+
+def model_directory(path: str, revision: str | None = None) -> Path:
+    """The checkpoint directory `model.path` loads: the embedded model's verified conversion, a local
+    directory, or a hub id's snapshot in the local hub cache (fetched first when the hub can be used)."""
+    from cdpo.models.embedded import embedded_model_dir, embedded_name
+
+    key = embedded_name(path)
+    if key is not None:
+        return embedded_model_dir(key)
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    return _hub_snapshot(path, revision)
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    from cdpo import hub
+    from cdpo.errors import UserError
+    from cdpo.hashing import CONFIG_FILES, TOKENIZER_PREFIXES, TOKENIZER_SUFFIXES
+
+    patterns = ["*.safetensors", "*.safetensors.index.json", *CONFIG_FILES,
+                *[p + "*" for p in TOKENIZER_PREFIXES], *["*" + s for s in TOKENIZER_SUFFIXES]]
+    why = hub.unavailable()
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                      local_files_only=why is not None))
+    except Exception as e:  # offline and not cached, unknown repo, gated: loading would fail the same way
+        raise UserError(f"model.path={repo_id!r}: its files could not be found in the local hub cache or "
+                        f"fetched ({why or type(e).__name__}); give a local directory (model.path=/path/to/model) "
+                        "or the embedded default (model.path=embedded:smollm2-135m-instruct)") from e
+
+
+def resolved_dtype(dtype) -> str | None:
+    """The dtype a model loads in on this machine: "bf16-if-native" decided here, other names as given."""
+    if dtype != "bf16-if-native":
+        return None if dtype is None else str(dtype)
+    import torch
+
+    from cdpo.models.loading import torch_dtype
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return str(torch_dtype(dtype, device)).removeprefix("torch.")
 
 
 def questions_digest(problems: Iterable) -> str:
