@@ -37,7 +37,7 @@ def _run(tmp_path, *args):
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
     out = tmp_path / "aot.json"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--json", str(out), *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+                          capture_output=True, text=True, timeout=1800)
     results = json.loads(out.read_text()) if out.exists() else None
     return proc, results
 
