@@ -125,13 +125,13 @@ def drive(kernels: set[str], dtype_names: list[str], models, rows, force: dict) 
 
 @contextlib.contextmanager
 def _tf32(on: bool):
-    """fp32 heads use TF32 only when the user asks through torch's switch."""
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = on
+    """Launch as if torch's TF32 switch were ``on`` (what fp32 heads consult), without touching it."""
+    requested = tt.tf32_requested
+    tt.tf32_requested = lambda: on
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = previous
+        tt.tf32_requested = requested
 
 
 # ---------------------------------------------------------------------------------------------
