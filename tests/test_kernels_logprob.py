@@ -175,3 +175,112 @@ def test_hidden_and_head_dtypes_may_differ(backend):
         want.sum().backward()
         assert (lp.double() - want).abs().max() < 2e-2
         assert h.grad.dtype == h_dtype and rel_err(h.grad, h64.grad) < 2e-2
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton missing")
+def test_fp32_head_uses_tf32_only_on_request(monkeypatch):
+    """Default fp32 heads score at fp32 precision; with TF32 requested the interpreter rounds the
+    dot operands as a TF32 tensor core would (low 13 mantissa bits dropped), within TF32 tolerance."""
+    from cdpo_kernels import triton_tiles
+
+    p = random_problem(H=64, dtype=torch.float32, bias=True, seed=10, scale=0.5)
+    h64, w64, b64 = leaf(p["hidden"].double(), p["weight"].double(), p["bias"].double())
+    want = reference.token_logprobs(h64, w64, p["labels"], p["mask"], bias=b64, dtype=torch.float64)
+    want.sum().backward()
+    errors = {}
+    for tf32 in (False, True):
+        monkeypatch.setattr(triton_tiles, "tf32_requested", lambda tf32=tf32: tf32)
+        h, w, b = leaf(p["hidden"], p["weight"], p["bias"])
+        lp = ck.token_logprobs(h, w, p["labels"], p["mask"], bias=b, backend="triton")
+        lp.sum().backward()
+        errors[tf32] = [rel_err(lp, want), rel_err(h.grad, h64.grad), rel_err(w.grad, w64.grad)]
+    assert max(errors[False]) < 1e-5
+    # TF32 (10-bit mantissa, unit roundoff 2^-11 ~ 5e-4 per operand): measured ~6e-4 here
+    assert max(errors[True]) < 3e-3
+    assert errors[True][0] > 30 * errors[False][0]  # the rounding really happens
+
+
+TF32_SWITCHES = {
+    "default": ("", False),
+    "legacy flag": ("torch.backends.cuda.matmul.allow_tf32 = True", True),
+    "matmul precision": ("torch.set_float32_matmul_precision('high')", True),
+    "new cuda switch": ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", True),
+    "new global switch": ("torch.backends.fp32_precision = 'tf32'", True),
+}
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton missing")
+def test_tf32_request_follows_every_torch_switch():
+    """Each of torch's TF32 switches is honoured and none makes the launch config raise (reading the
+    legacy flag raises once the new API was used). The switches are process-wide: one subprocess
+    imports the kernels, then each case runs in a fork of it."""
+    import subprocess
+    import sys
+
+    cases = dict(TF32_SWITCHES)
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):  # torch < 2.9
+        cases = {k: v for k, v in cases.items() if "fp32_precision" not in v[0]}
+    code = "\n".join([
+        "import os, sys, torch",
+        "from cdpo_kernels import triton_tiles as t",
+        f"for name, setting in {[(k, v[0]) for k, v in cases.items()]!r}:",
+        "    pid = os.fork()",
+        "    if pid == 0:",
+        "        exec(setting)",
+        "        c = t._config(torch.float32)",
+        "        print(name, t.tf32_requested(), c['PRECISION'], c['ROUND_TF32'], sep='|', flush=True)",
+        "        os._exit(0)",
+        "    os.waitpid(pid, 0)",
+    ])
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    got = {line.split("|")[0]: line.split("|")[1:] for line in out.stdout.splitlines()}
+    assert set(got) == set(cases), out.stderr
+    for name, (_, expected) in cases.items():
+        assert got[name] == (["True", "tf32", "True"] if expected else ["False", "ieee", "False"]), name
+
+
+def test_mm_accumulate_cpu_fallback_keeps_fp32_products():
+    """CPU has no 16-bit GEMM with fp32 output: the fallback upcasts, so the sum is not bf16-rounded."""
+    from cdpo_kernels.tiling import mm_accumulate
+
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(33, 70, generator=g).bfloat16()
+    b = torch.randn(70, 20, generator=g).bfloat16()
+    acc0 = torch.randn(33, 20, generator=g)
+    want = acc0.double() + a.double() @ b.double()
+    acc = acc0.clone()
+    mm_accumulate(acc, a, b)
+    assert acc.dtype == torch.float32
+    assert rel_err(acc, want) < 1e-6
+    assert rel_err(acc0 + (a @ b).float(), want) > 1e-4  # what a bf16-rounded product would cost
+
+
+def test_mm_accumulate_cuda_path_calls_a_gemm_cuda_has(monkeypatch):
+    """On CUDA the product must come from ``mm(bf16, bf16, out_dtype=float32)``: CUDA's out_dtype
+    ``addmm`` wants the addend in the inputs' dtype, so an fp32 accumulator there raises (and the
+    old code silently fell back to an fp32 GEMM). Run on meta tensors with the op calls recorded."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from cdpo_kernels import tiling
+
+    calls = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            dtypes = [x.dtype for x in args if isinstance(x, torch.Tensor)]
+            calls.append((str(func), dtypes, (kwargs or {}).get("out_dtype", args[2] if len(args) > 2 else None)))
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setattr(tiling, "FP32_OUT_DEVICES", ("meta",))
+    acc = torch.empty(8, 4, device="meta")
+    for dtype in (torch.bfloat16, torch.float16):
+        a = torch.empty(8, 16, dtype=dtype, device="meta")
+        b = torch.empty(16, 4, dtype=dtype, device="meta")
+        calls.clear()
+        with Record():
+            tiling.mm_accumulate(acc, a, b)
+        gemms = [c for c in calls if "mm" in c[0]]
+        assert [c[0] for c in gemms] == ["aten.mm.dtype"]
+        assert gemms[0][1] == [dtype, dtype] and gemms[0][2] == torch.float32
+        assert not any("_to_copy" in c[0] for c in calls)  # no upcast of the inputs

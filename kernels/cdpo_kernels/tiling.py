@@ -49,18 +49,26 @@ def scatter_rows(values: torch.Tensor, mask: torch.Tensor | None, shape: tuple[i
     return values.new_zeros(shape).masked_scatter(mask, values)
 
 
+# Devices whose GEMM can take 16-bit inputs and write fp32 (torch.mm's out_dtype).
+FP32_OUT_DEVICES = ("cuda",)
+
+
 def mm_accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b without rounding the product to a's dtype first.
 
     Rounding each vocabulary chunk's bf16 product before summing chunks would add one bf16
-    rounding per chunk; cuBLAS can write fp32 directly from bf16 inputs.
+    rounding per chunk. On CUDA, cuBLAS writes the fp32 product of 16-bit inputs directly
+    (``mm(..., out_dtype=float32)``; ``addmm``'s out_dtype form wants the addend in the inputs'
+    dtype, so it cannot accumulate into fp32). CPU has neither: there the inputs are upcast.
     """
-    if acc.device.type == "cuda" and a.dtype in (torch.bfloat16, torch.float16):
+    if acc.device.type in FP32_OUT_DEVICES and a.dtype in (torch.bfloat16, torch.float16):
         try:
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            product = torch.mm(a, b, out_dtype=torch.float32)
+        except TypeError:  # torch < 2.8: no out_dtype
+            product = None
+        if product is not None:
+            acc.add_(product)
             return
-        except (RuntimeError, TypeError):  # older torch without out_dtype
-            pass
     acc.addmm_(a.float(), b.float())
 
 

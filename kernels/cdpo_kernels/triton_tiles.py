@@ -33,9 +33,16 @@ INTERPRET_SPLITS = 3
 
 
 @triton.jit
+def _round_tf32(x):
+    # Interpreter only. The PTX hands fp32 registers to the TF32 MMA without a cvt.rna.tf32, so
+    # emulate the coarser of the two possible roundings: drop the 13 low mantissa bits.
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _dot_tile(x_ptr, w_ptr, stride_x, stride_w, rows, cols, row_ok, col_ok, K,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-              UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+              UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr):
     # [BM, BN] fp32 tile of x[rows] @ w[cols]^T, K-loop over the hidden size.
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
@@ -46,6 +53,9 @@ def _dot_tile(x_ptr, w_ptr, stride_x, stride_w, rows, cols, row_ok, col_ok, K,
         if UPCAST:
             xt = xt.to(tl.float32)
             wt = wt.to(tl.float32)
+        if ROUND_TF32:  # interpreter only: the operand rounding a TF32 tensor core applies
+            xt = _round_tf32(xt)
+            wt = _round_tf32(wt)
         acc = tl.dot(xt, tl.trans(wt), acc, input_precision=PRECISION)
     return acc
 
@@ -55,11 +65,12 @@ def _head_tile(x_ptr, w_ptr, x2_ptr, w2_ptr, b_ptr, sx, sw, sx2, sw2, a1, a2,
                rows, cols, row_ok, col_ok, K,
                HAS_BIAS: tl.constexpr, TWO_HEADS: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+               UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr):
     # z = x W^T (+ bias), or a1 x W^T + a2 x2 W2^T (+ bias) for two-head contrastive scoring.
-    z = _dot_tile(x_ptr, w_ptr, sx, sw, rows, cols, row_ok, col_ok, K, BM, BN, BK, UPCAST, PRECISION)
+    z = _dot_tile(x_ptr, w_ptr, sx, sw, rows, cols, row_ok, col_ok, K, BM, BN, BK, UPCAST, PRECISION, ROUND_TF32)
     if TWO_HEADS:
-        z2 = _dot_tile(x2_ptr, w2_ptr, sx2, sw2, rows, cols, row_ok, col_ok, K, BM, BN, BK, UPCAST, PRECISION)
+        z2 = _dot_tile(x2_ptr, w2_ptr, sx2, sw2, rows, cols, row_ok, col_ok, K, BM, BN, BK,
+                       UPCAST, PRECISION, ROUND_TF32)
         z = a1 * z + a2 * z2
     if HAS_BIAS:
         z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -71,7 +82,7 @@ def _lse_fwd_kernel(x_ptr, w_ptr, x2_ptr, w2_ptr, b_ptr, y_ptr, m_ptr, s_ptr, tg
                     N, V, K, seg_len, sx, sw, sx2, sw2, a1, a2,
                     HAS_BIAS: tl.constexpr, TWO_HEADS: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                    UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr):
     split = tl.program_id(1)
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     row_ok = rows < N
@@ -85,7 +96,7 @@ def _lse_fwd_kernel(x_ptr, w_ptr, x2_ptr, w2_ptr, b_ptr, y_ptr, m_ptr, s_ptr, tg
         cols = (v0 + tl.arange(0, BN)).to(tl.int64)
         col_ok = cols < v_hi
         z = _head_tile(x_ptr, w_ptr, x2_ptr, w2_ptr, b_ptr, sx, sw, sx2, sw2, a1, a2, rows, cols, row_ok,
-                       col_ok, K, HAS_BIAS, TWO_HEADS, BM, BN, BK, UPCAST, PRECISION)
+                       col_ok, K, HAS_BIAS, TWO_HEADS, BM, BN, BK, UPCAST, PRECISION, ROUND_TF32)
         z = tl.where(col_ok[None, :], z, float("-inf"))
         # Online log-sum-exp: every tile has a valid column, so m_new is finite.
         m_new = tl.maximum(m, tl.max(z, axis=1))
@@ -104,7 +115,7 @@ def _kl_fwd_kernel(xr_ptr, xp_ptr, w_ptr, b_ptr, y_ptr, mr_ptr, sr_ptr, e_ptr, m
                    N, V, K, seg_len, sxr, sxp, sw,
                    HAS_BIAS: tl.constexpr, HAS_TGT: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                   UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr):
     split = tl.program_id(1)
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     row_ok = rows < N
@@ -122,9 +133,9 @@ def _kl_fwd_kernel(xr_ptr, xp_ptr, w_ptr, b_ptr, y_ptr, mr_ptr, sr_ptr, e_ptr, m
         cols = (v0 + tl.arange(0, BN)).to(tl.int64)
         col_ok = cols < v_hi
         zr = _head_tile(xr_ptr, w_ptr, xr_ptr, w_ptr, b_ptr, sxr, sw, sxr, sw, 1.0, 0.0, rows, cols, row_ok,
-                        col_ok, K, HAS_BIAS, False, BM, BN, BK, UPCAST, PRECISION)
+                        col_ok, K, HAS_BIAS, False, BM, BN, BK, UPCAST, PRECISION, ROUND_TF32)
         zp = _head_tile(xp_ptr, w_ptr, xp_ptr, w_ptr, b_ptr, sxp, sw, sxp, sw, 1.0, 0.0, rows, cols, row_ok,
-                        col_ok, K, HAS_BIAS, False, BM, BN, BK, UPCAST, PRECISION)
+                        col_ok, K, HAS_BIAS, False, BM, BN, BK, UPCAST, PRECISION, ROUND_TF32)
         d = tl.where(col_ok[None, :], zr - zp, 0.0)
         zr = tl.where(col_ok[None, :], zr, float("-inf"))
         zp = tl.where(col_ok[None, :], zp, float("-inf"))
@@ -154,14 +165,14 @@ def _grad_tile_kernel(xp_ptr, xr_ptr, w_ptr, b_ptr, y_ptr, lse_p_ptr, lse_r_ptr,
                       N, K, c0, c1, sxp, sxr, sw, sdz,
                       HAS_BIAS: tl.constexpr, HAS_LP: tl.constexpr, HAS_KL: tl.constexpr,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                      UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                      UPCAST: tl.constexpr, PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr):
     # dL/dz for vocabulary columns [c0, c1): g_lp (onehot - pi) + g_kl (pi - p_ref).
     rows = (tl.program_id(0) * BM + tl.arange(0, BM)).to(tl.int64)
     cols = (c0 + tl.program_id(1) * BN + tl.arange(0, BN)).to(tl.int64)
     row_ok = rows < N
     col_ok = cols < c1
     zp = _head_tile(xp_ptr, w_ptr, xp_ptr, w_ptr, b_ptr, sxp, sw, sxp, sw, 1.0, 0.0, rows, cols, row_ok,
-                    col_ok, K, HAS_BIAS, False, BM, BN, BK, UPCAST, PRECISION)
+                    col_ok, K, HAS_BIAS, False, BM, BN, BK, UPCAST, PRECISION, ROUND_TF32)
     pi = tl.exp(zp - tl.load(lse_p_ptr + rows, mask=row_ok, other=0.0)[:, None])
     dz = tl.zeros((BM, BN), tl.float32)
     if HAS_LP:
@@ -170,7 +181,7 @@ def _grad_tile_kernel(xp_ptr, xr_ptr, w_ptr, b_ptr, y_ptr, lse_p_ptr, lse_r_ptr,
         dz += g[:, None] * ((cols[None, :] == y[:, None]).to(tl.float32) - pi)
     if HAS_KL:
         zr = _head_tile(xr_ptr, w_ptr, xr_ptr, w_ptr, b_ptr, sxr, sw, sxr, sw, 1.0, 0.0, rows, cols, row_ok,
-                        col_ok, K, HAS_BIAS, False, BM, BN, BK, UPCAST, PRECISION)
+                        col_ok, K, HAS_BIAS, False, BM, BN, BK, UPCAST, PRECISION, ROUND_TF32)
         p_ref = tl.exp(zr - tl.load(lse_r_ptr + rows, mask=row_ok, other=0.0)[:, None])
         gk = tl.load(g_kl_ptr + rows, mask=row_ok, other=0.0)
         dz += gk[:, None] * (pi - p_ref)
@@ -182,19 +193,37 @@ def _grad_tile_kernel(xp_ptr, xr_ptr, w_ptr, b_ptr, y_ptr, lse_p_ptr, lse_r_ptr,
 # launch configuration
 
 
+def tf32_requested() -> bool:
+    """Whether the user asked torch for TF32 in fp32 CUDA matmuls: fp32 heads use it only then.
+
+    torch >= 2.9 has ``fp32_precision`` switches (``allow_tf32`` follows them, but reading it
+    raises once the new API was used); older torch only has the flag.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    if precision == "none":  # inherits the global setting
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
+
+
 def _config(dtype: torch.dtype, two_tiles: bool = False) -> dict:
-    """Block sizes and launch options. GPU values target H100-class tensor cores (untuned here)."""
-    upcast = INTERPRET and dtype != torch.float32
-    if dtype == torch.float32:
-        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 and not INTERPRET else "ieee"
-    else:
-        precision = "tf32"  # ignored for bf16/fp16 operands
-    common = dict(UPCAST=upcast, PRECISION=precision)
+    """Block sizes and launch options; ``kernels/aot_check.py`` checks that none of them spills.
+
+    ``two_tiles``: the kernel keeps two [BM, BN] fp32 logit tiles live (KL forward and backward,
+    two-head contrastive scoring), so it gets half the rows of a one-tile kernel.
+    """
+    fp32 = dtype == torch.float32
+    tf32 = fp32 and tf32_requested()
+    common = dict(UPCAST=INTERPRET and not fp32, PRECISION="tf32" if tf32 or not fp32 else "ieee",
+                  ROUND_TF32=INTERPRET and tf32)
     if INTERPRET:
         return dict(BM=16, BN=32, BK=32, **common)
-    if dtype == torch.float32:
-        return dict(BM=64, BN=64, BK=32, num_warps=4, num_stages=3, **common)
-    # Two accumulators (KL: reference and policy tiles) halve the rows per program.
+    if fp32:
+        # IEEE fp32 has no tensor-core instruction: the dots run as FMA on CUDA cores (the slow
+        # path), whose operand slices sit in registers; BK 8 keeps them from spilling.
+        return dict(BM=64, BN=64, BK=32 if tf32 else 8, num_warps=4, num_stages=3, **common)
     return dict(BM=64 if two_tiles else 128, BN=128, BK=64, num_warps=8, num_stages=3, **common)
 
 
@@ -240,11 +269,11 @@ def lse_forward(x, weight, targets, bias=None, x2=None, weight2=None, a1=1.0, a2
     tgt = torch.zeros(n, **f32)
     if n == 0:
         return torch.zeros(0, **f32), tgt
-    cfg = _config(x.dtype)
+    two = x2 is not None
+    cfg = _config(x.dtype, two_tiles=two)
     splits, seg_len = _split_vocab(n, V, cfg, x.device)
     m = torch.empty(splits, n, **f32)
     s = torch.empty(splits, n, **f32)
-    two = x2 is not None
     grid = (triton.cdiv(n, cfg["BM"]), splits)
     _lse_fwd_kernel[grid](
         x, weight, x2 if two else x, weight2 if two else weight, bias if bias is not None else x, targets,
