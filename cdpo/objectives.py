@@ -268,6 +268,21 @@ class CDPO(Objective):
         return loss, metrics
 
 
+@dataclass
+class Hinge(Objective):
+    """SLiC's hinge loss on the DPO margin (Zhao et al. 2023; TRL's loss_type="hinge"): relu(1 - beta h),
+    h = sum D_c - sum D_r; beta is the reciprocal of the margin."""
+    name: str = "hinge"
+    label: ClassVar[str] = "+ Hinge"
+    beta: float = dataclasses.field(default=0.1, metadata=above(0))
+
+    def loss(self, b: PairLogps):
+        pc, pr, rc, rr = b.with_reference()
+        sum_c, sum_r = losses.log_ratio_sums(pc, pr, rc, rr, b.mask_chosen, b.mask_rejected)
+        loss = torch.relu(1.0 - self.beta * (sum_c - sum_r)).mean()
+        return loss, losses.preference_metrics(self.beta * sum_c, self.beta * sum_r, pc, pr, **b.masked())
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -295,6 +310,7 @@ METHODS: dict[str, Method] = {
     "cdpo": Method(CDPO, grids=TABLE1),
     # the authors' training code's form, a row of its own beside the paper's formula (the embedded grid)
     "cdpo_per_position": Method(CDPO, {"loss_form": "per_position"}, "+ cDPO (per position)", ("embedded",)),
+    "hinge": Method(Hinge),
 }
 
 

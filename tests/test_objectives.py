@@ -61,6 +61,26 @@ def test_ipo_against_float64_formula():
     assert abs(got.item() - want.item()) < 1e-5
 
 
+# ---------------------------------------------------------------------------- hinge
+
+
+@pytest.mark.parametrize("beta", [0.1, 2.0])
+def test_hinge_matches_trl(beta):
+    batch = _pair_batch(seed=25)
+    t_loss, t_metrics, t_gc, t_gr = trl_dpo(batch, beta, loss_types=("hinge",))
+    ours = _leaves(batch, garbage=True)
+    loss, metrics = build("hinge", beta=beta).loss(_logps(ours))
+    loss.backward()
+    assert t_gc.abs().sum() > 0  # some pair inside the margin: the gradient is compared, not only zeros
+    torch.testing.assert_close(loss.detach(), t_loss, rtol=1e-5, atol=1e-6)
+    mc, mr = batch["mask_chosen"], batch["mask_rejected"]
+    torch.testing.assert_close(ours["policy_chosen"].grad[mc], t_gc[mc], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours["policy_rejected"].grad[mr], t_gr[mr], rtol=1e-5, atol=1e-6)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                "logps/rejected"):
+        assert abs(metrics[key].item() - t_metrics[key]) < 1e-5, key
+
+
 # ---------------------------------------------------------------------------- SimPO
 
 
