@@ -30,7 +30,8 @@ def main() -> None:
     from cdpo.losses import sft_loss
     from cdpo.models import add_lora
     from cdpo.pipeline import context
-    from cdpo.pipeline.training import _lora, preference_module
+    from cdpo.pipeline.align import preference_module
+    from cdpo.pipeline.training import _lora
 
     cfg = default_cfg()
     tok = context.tokenizer(cfg)
@@ -47,11 +48,11 @@ def main() -> None:
           f"responses ~{len(pairs[0]['chosen_ids'])} tokens, {torch.get_num_threads()} threads")
     print("| method | s / micro-batch | align estimate for the embedded default (s) |")
     print("|---|---|---|")
-    from cdpo.objectives import REGISTRY
+    from cdpo.objectives import METHODS, TrainsOn, build
 
-    for method, cls in REGISTRY.items():
-        objective = cls()
-        if objective.trains_on == "nothing":
+    for method in METHODS:
+        objective = build(method)
+        if not objective.trains:
             continue
         mcfg = default_cfg(f"method={method}")
         torch.manual_seed(0)
@@ -59,12 +60,12 @@ def main() -> None:
         policy.train()
         params = [p for p in policy.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=mcfg.align.lr)
-        module = None if objective.trains_on == "positives" else preference_module(mcfg, policy)
+        module = None if objective.trains_on is TrainsOn.POSITIVES else preference_module(mcfg, policy)
         times = []
         for i in range(args.steps + 1):
             items = pairs[i * bs:(i + 1) * bs]
             t0 = time.perf_counter()
-            if objective.trains_on == "positives":
+            if objective.trains_on is TrainsOn.POSITIVES:
                 batch = collate_sequences([{"prompt_ids": it["prompt_ids"], "response_ids": it["chosen_ids"]}
                                            for it in items], pad_id=tok.pad_token_id)
                 loss, _ = sft_loss(response_logps(policy, batch), batch["mask"])

@@ -7,8 +7,8 @@ Conventions shared by everything here:
   would turn a NaN/inf in a masked slot into NaN) and their labels are never used as indices;
 - computation is float32 (bf16/fp16 inputs are upcast), outputs are float32.
 
-These functions are the numerical references for the Triton kernels in ``kernels/`` and are
-what the training modules call.
+These functions are what every objective (``cdpo.objectives``) calls, whichever head computed the
+log-probs: the log-probs themselves (and TDPO's KL) come from ``cdpo.head``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 Metrics = dict[str, torch.Tensor]
 
@@ -58,57 +57,17 @@ def sequence_logps(
 
 
 # --------------------------------------------------------------------------------------------
-# per-token log-probs
-
-
-def _head_logprob_chunk(h, weight, bias, targets):
-    # fp32 logits even inside a bf16 autocast region (Lightning's bf16-mixed): the reference
-    # log-probs, computed outside autocast, must use the same numerics as the policy's
-    with torch.autocast(device_type=h.device.type, enabled=False):
-        logits = F.linear(h.float(), weight.float(), None if bias is None else bias.float())
-    return logits.gather(1, targets[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-
-
-def token_logprobs_from_hidden(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    labels: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    chunk_size: int = 1024,
-) -> torch.Tensor:
-    """[B, T] float32 log softmax(hidden @ weight.T + bias)[labels] on the mask, 0 elsewhere, without
-    building [B, T, V]; garbage (inf/NaN) in masked-out rows and invalid labels there are harmless.
-
-    Only masked-in rows go through the head, ``chunk_size`` rows at a time. Under autograd each
-    chunk is checkpointed (its logits are recomputed in backward), so memory stays one chunk.
-    """
-    B, T, H = hidden.shape
-    mask = _mask(mask, (B, T))
-    rows = _selected_rows(mask)
-    targets = labels.reshape(-1).index_select(0, rows).long()
-    h_all = hidden.reshape(B * T, H)
-    # Upcast the head once, not per chunk (a no-op for float32 weights).
-    w = weight.float()
-    b = bias.float() if bias is not None else None
-    need_grad = torch.is_grad_enabled() and (
-        hidden.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
-    pieces = []
-    for s in range(0, rows.numel(), chunk_size):
-        h = h_all.index_select(0, rows[s : s + chunk_size]).float()
-        t = targets[s : s + chunk_size]
-        if need_grad:
-            pieces.append(checkpoint(_head_logprob_chunk, h, w, b, t, use_reentrant=False))
-        else:
-            pieces.append(_head_logprob_chunk(h, w, b, t))
-    lp = torch.cat(pieces) if pieces else h_all.new_zeros(0, dtype=torch.float32)
-    return _scatter_rows(lp.float(), rows, (B, T))
-
-
-# --------------------------------------------------------------------------------------------
 # SFT and DPO-family losses
+
+
+def response_lengths(mask: torch.Tensor) -> torch.Tensor:
+    """[B] response tokens per row (at least 1): the length normalisation of SimPO, IPO and RPO's NLL."""
+    return mask.bool().sum(-1).clamp(min=1)
+
+
+def response_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B] mean of per-token values over each row's response tokens."""
+    return sequence_logps(values, mask) / response_lengths(mask)
 
 
 def sft_loss(token_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
@@ -123,7 +82,7 @@ def _chosen_nll(policy_chosen: torch.Tensor, mask_chosen: torch.Tensor) -> torch
     return sft_loss(policy_chosen, mask_chosen)[0].detach()
 
 
-def _preference_metrics(
+def preference_metrics(
     chosen_rewards: torch.Tensor,
     rejected_rewards: torch.Tensor,
     policy_chosen: torch.Tensor,
@@ -131,7 +90,7 @@ def _preference_metrics(
     mask_chosen: torch.Tensor,
     mask_rejected: torch.Tensor,
 ) -> Metrics:
-    """TRL's metric names; every value a detached batch mean."""
+    """TRL's metric names (rewards/*, logps/*, nll) from the [B] rewards; every value a detached batch mean."""
     chosen_rewards = chosen_rewards.detach()
     rejected_rewards = rejected_rewards.detach()
     return {
@@ -145,7 +104,7 @@ def _preference_metrics(
     }
 
 
-def _log_ratio_sums(
+def log_ratio_sums(
     policy_chosen, policy_rejected, ref_chosen, ref_rejected, mask_chosen, mask_rejected,
     weights_chosen=None, weights_rejected=None,
 ):
@@ -172,7 +131,7 @@ def dpo_loss(
     weights_rejected: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, Metrics]:
     """(Token-weighted) DPO: -(1-ls) logsig(beta h) - ls logsig(-beta h), h = sum w^c D^c - sum w^r D^r."""
-    s_c, s_r = _log_ratio_sums(
+    s_c, s_r = log_ratio_sums(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, mask_chosen, mask_rejected,
         weights_chosen, weights_rejected,
     )
@@ -180,7 +139,7 @@ def dpo_loss(
     losses = -(1.0 - label_smoothing) * F.logsigmoid(z)
     if label_smoothing:
         losses = losses - label_smoothing * F.logsigmoid(-z)
-    metrics = _preference_metrics(
+    metrics = preference_metrics(
         beta * s_c, beta * s_r, policy_chosen, policy_rejected, mask_chosen, mask_rejected
     )
     return losses.mean(), metrics
@@ -287,50 +246,49 @@ def rpo_loss(
     loss, metrics = dpo_loss(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, mask_chosen, mask_rejected, beta=beta
     )
-    mask_chosen = _mask(mask_chosen, policy_chosen.shape)
-    lengths = mask_chosen.sum(-1).clamp(min=1)
-    nll_per_seq = -sequence_logps(policy_chosen, mask_chosen) / lengths
-    return loss + alpha * nll_per_seq.mean(), metrics
+    return loss - alpha * response_mean(policy_chosen, mask_chosen).mean(), metrics
+
+
+def simpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    mask_chosen: torch.Tensor,
+    mask_rejected: torch.Tensor,
+    *,
+    beta: float = 2.0,
+    gamma: float = 1.0,
+) -> tuple[torch.Tensor, Metrics]:
+    """SimPO (Meng et al. 2024), reference-free: -logsig(beta (avg logp_c - avg logp_r) - gamma), avg over
+    each response's tokens; rewards are beta * avg logp (TRL's CPOTrainer, loss_type="simpo")."""
+    avg_c, avg_r = response_mean(policy_chosen, mask_chosen), response_mean(policy_rejected, mask_rejected)
+    loss = -F.logsigmoid(beta * (avg_c - avg_r) - gamma).mean()
+    return loss, preference_metrics(beta * avg_c, beta * avg_r, policy_chosen, policy_rejected, mask_chosen,
+                                    mask_rejected)
+
+
+def ipo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    mask_chosen: torch.Tensor,
+    mask_rejected: torch.Tensor,
+    *,
+    beta: float = 0.1,
+) -> tuple[torch.Tensor, Metrics]:
+    """IPO (Azar et al. 2023, eq. 17): (h - 1/(2 beta))^2, h the difference of the chosen and rejected
+    log-ratios each averaged over its response tokens (TRL's loss_type="ipo"; beta is tau). Rewards are
+    beta times the summed log-ratios, as TRL logs them."""
+    sum_c, sum_r = log_ratio_sums(policy_chosen, policy_rejected, ref_chosen, ref_rejected, mask_chosen,
+                                  mask_rejected)
+    avg_c, avg_r = sum_c / response_lengths(mask_chosen), sum_r / response_lengths(mask_rejected)
+    loss = ((avg_c - avg_r - 1.0 / (2.0 * beta)) ** 2).mean()
+    return loss, preference_metrics(beta * sum_c, beta * sum_r, policy_chosen, policy_rejected, mask_chosen,
+                                    mask_rejected)
 
 
 # --------------------------------------------------------------------------------------------
 # TDPO (Zeng et al. 2024)
-
-
-def _kl_rows(ref_rows: torch.Tensor, pol_rows: torch.Tensor) -> torch.Tensor:
-    """Per-row sum_v p_ref (log p_ref - log pi); 0 * log 0 counts as 0, also for -inf logits."""
-    log_ref = F.log_softmax(ref_rows.float(), dim=-1)
-    log_pol = F.log_softmax(pol_rows.float(), dim=-1)
-    p_ref = log_ref.exp()
-    support = p_ref > 0
-    zero = torch.zeros((), device=log_ref.device)
-    # Select before multiplying so that neither value nor gradient sees 0 * inf.
-    diff = torch.where(support, log_ref, zero) - torch.where(support, log_pol, zero)
-    return torch.where(support, p_ref * diff, zero).sum(-1)
-
-
-def sequential_kl(
-    ref_logits: torch.Tensor,
-    policy_logits: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    chunk_size: int | None = None,
-) -> torch.Tensor:
-    """[B] sequential forward KL: sum_t on the mask sum_v p_ref (log p_ref - log pi)."""
-    if ref_logits.shape != policy_logits.shape:
-        raise ValueError(f"shape mismatch: {tuple(ref_logits.shape)} vs {tuple(policy_logits.shape)}")
-    B, T, V = policy_logits.shape
-    mask = _mask(mask, (B, T))
-    rows = _selected_rows(mask)
-    ref_flat = ref_logits.reshape(B * T, V)
-    pol_flat = policy_logits.reshape(B * T, V)
-    step = chunk_size or max(rows.numel(), 1)
-    pieces = [
-        _kl_rows(ref_flat.index_select(0, rows[s : s + step]), pol_flat.index_select(0, rows[s : s + step]))
-        for s in range(0, rows.numel(), step)
-    ]
-    kl = torch.cat(pieces) if pieces else pol_flat.new_zeros(0, dtype=torch.float32)
-    return _scatter_rows(kl, rows, (B, T)).sum(-1)
 
 
 def tdpo_loss(
@@ -348,7 +306,7 @@ def tdpo_loss(
     variant: int = 2,
 ) -> tuple[torch.Tensor, Metrics]:
     """TDPO1: -logsig(beta((m_c-m_r) - (KL_r-KL_c))); TDPO2: alpha-scaled, no gradient via KL_c."""
-    m_c, m_r = _log_ratio_sums(
+    m_c, m_r = log_ratio_sums(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, mask_chosen, mask_rejected
     )
     kl_c, kl_r = kl_chosen.float(), kl_rejected.float()
@@ -359,7 +317,7 @@ def tdpo_loss(
     else:
         raise ValueError(f"TDPO variant must be 1 or 2, got {variant!r}")
     loss = -F.logsigmoid(beta * z).mean()
-    metrics = _preference_metrics(
+    metrics = preference_metrics(
         beta * m_c, beta * m_r, policy_chosen, policy_rejected, mask_chosen, mask_rejected
     )
     metrics["kl/chosen"] = kl_c.detach().mean()

@@ -16,7 +16,7 @@ GIB = 1024 ** 3
 PAPER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 STRATEGIES = ("ddp", "fsdp", "zero2", "zero3", "zero3_offload", "qlora")
 NF4_BYTES = 4.127 / 8  # 4-bit NF4 + double-quantised block constants (QLoRA paper: 0.127 bit per parameter)
-HEAD_CHUNK_ROWS = 1024  # cdpo.losses.token_logprobs_from_hidden chunk_size
+HEAD_CHUNK_ROWS = 1024  # cdpo.head.token_logprobs_from_hidden chunk_size
 
 
 @dataclass(frozen=True)

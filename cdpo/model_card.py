@@ -79,8 +79,8 @@ def render(*, name: str, base: str, merged: bool, run: dict | None, notes: list[
     settings = (run or {}).get("settings") or {}
     method = (settings.get("method") or {}).get("name")
     front = {"library_name": "transformers" if merged else "peft", "pipeline_tag": "text-generation",
-             "tags": ["cdpo", *([method] if method and method != "cdpo" else []), "lora",
-                      *(["merged"] if merged else [])]}
+             "tags": list(dict.fromkeys(["cdpo", *([method] if method else []), "lora",
+                                         *(["merged"] if merged else [])]))}
     if _is_hub_id(base):  # the hub accepts only a repo id here; a local path is named in the text
         front = {"base_model": base, **front}
     kind = f"`{base}` with a LoRA adapter merged into its weights" if merged else f"A LoRA adapter for `{base}`"

@@ -6,18 +6,24 @@ of the score stage — and computes its loss and metrics from a batch of policy 
 log-probs. `conf/method/<name>.yaml` builds one with `_target_`; the runner, the align stage, the
 LightningModule and the fused kernels ask the object and never test a method's name.
 
+The loss math lives in `cdpo.losses` (public functions); an objective names its settings and picks the
+function. `METHODS` at the end of this file is the only list of methods: the report's row order and
+labels, the sweep presets' rows (`grids`) and every test that covers "all methods" read it.
+
 Adding a method: subclass `Objective` (a dataclass: its fields are the YAML keys, checked in
-`__post_init__`), implement `loss`, add `conf/method/<name>.yaml` with `_target_` pointing at it,
-and test it against an independent reference. See docs/design.md, "Adding a method".
+`__post_init__`), implement `loss`, add it to `METHODS`, add `conf/method/<name>.yaml` with `_target_`
+pointing at it, and test it against an independent reference. It joins no sweep preset until its
+`METHODS` entry lists the grid. A class in your own module needs no entry: `_target_: mypkg.MyLoss`
+builds it, and its `label` names its row in the report. See docs/design.md, "Adding a method".
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from enum import StrEnum
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from cdpo import losses
 from cdpo.errors import ConfigError
@@ -53,7 +59,11 @@ class PairLogps:
         return self.policy_chosen, self.policy_rejected, self.ref_chosen, self.ref_rejected
 
 
-REGISTRY: dict[str, type[Objective]] = {}  # name -> class, in Table 1's row order (definition order)
+class TrainsOn(StrEnum):
+    """What an objective's align stage trains on."""
+    PAIRS = "pairs"            # the preference pairs (scored ones when it needs scores)
+    POSITIVES = "positives"    # the positive set (SFT)
+    NOTHING = "nothing"        # no training: the base model is the result (the baseline)
 
 
 def _fail(key: str, value, allowed: str):
@@ -64,23 +74,28 @@ def _fail(key: str, value, allowed: str):
 class Objective:
     """Base class. Subclasses set the class-level needs and implement `loss` (pairs) or none (SFT)."""
     name: str = ""
-    label: ClassVar[str] = ""                       # the report's row label
-    trains_on: ClassVar[Literal["pairs", "positives", "nothing"]] = "pairs"
+    label: ClassVar[str] = ""                       # the report's row label (default: the name)
+    trains_on: ClassVar[TrainsOn] = TrainsOn.PAIRS
     needs_reference: ClassVar[bool] = True          # reference log-probs of every response token
     needs_reference_kl: ClassVar[bool] = False      # the reference's whole distribution (per-token KL)
     needs_scores: ClassVar[bool] = False            # contrastive scores: the score stage (and sft_neg)
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        default = cls.__dict__.get("name")
-        if isinstance(default, str) and default:
-            REGISTRY.setdefault(default, cls)
 
     def __post_init__(self):
         if not self.name:
             self.name = type(self).name
         for f in dataclasses.fields(self):
             _check_value(f.name, getattr(self, f.name), f.metadata)
+
+    @property
+    def trains(self) -> bool:
+        """Whether the method trains anything (the baseline does not: its result is the base model)."""
+        return self.trains_on is not TrainsOn.NOTHING
+
+    @property
+    def row_label(self) -> str:
+        """The report's label of this method's row: its `METHODS` entry's, else its class's, else its name."""
+        method = METHODS.get(self.name)
+        return (method.label if method is not None else None) or self.label or self.name
 
     @property
     def uses_cached_reference(self) -> bool:
@@ -134,7 +149,7 @@ class Baseline(Objective):
     """The base model as it is: nothing is trained, the eval stage evaluates the base."""
     name: str = "baseline"
     label: ClassVar[str] = "Baseline"
-    trains_on: ClassVar[str] = "nothing"
+    trains_on: ClassVar[TrainsOn] = TrainsOn.NOTHING
     needs_reference: ClassVar[bool] = False
 
 
@@ -143,7 +158,7 @@ class SFT(Objective):
     """NLL on the positive set (the SFT row), trained per seed with the policy LoRA."""
     name: str = "sft"
     label: ClassVar[str] = "+ SFT"
-    trains_on: ClassVar[str] = "positives"
+    trains_on: ClassVar[TrainsOn] = TrainsOn.POSITIVES
     needs_reference: ClassVar[bool] = False
 
 
@@ -189,16 +204,6 @@ class RPO(Objective):
         return losses.rpo_loss(*b.with_reference(), **b.masked(), beta=self.beta, alpha=self.nll_weight)
 
 
-def _average_logps(logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B] mean log-prob per response token (length normalisation of SimPO and IPO)."""
-    return losses.sequence_logps(logps, mask) / mask.sum(-1).clamp(min=1)
-
-
-def _metrics(chosen_rewards, rejected_rewards, b: PairLogps) -> Metrics:
-    return losses._preference_metrics(chosen_rewards, rejected_rewards, b.policy_chosen, b.policy_rejected,
-                                      b.mask_chosen, b.mask_rejected)
-
-
 @dataclass
 class SimPO(Objective):
     """SimPO (Meng et al. 2024), reference-free: -logsig(beta (avg logp_c - avg logp_r) - gamma), with
@@ -211,10 +216,7 @@ class SimPO(Objective):
     gamma: float = dataclasses.field(default=1.0, metadata=at_least(0))
 
     def loss(self, b: PairLogps):
-        avg_c = _average_logps(b.policy_chosen, b.mask_chosen)
-        avg_r = _average_logps(b.policy_rejected, b.mask_rejected)
-        loss = -F.logsigmoid(self.beta * (avg_c - avg_r) - self.gamma).mean()
-        return loss, _metrics(self.beta * avg_c, self.beta * avg_r, b)
+        return losses.simpo_loss(b.policy_chosen, b.policy_rejected, **b.masked(), beta=self.beta, gamma=self.gamma)
 
 
 @dataclass
@@ -227,12 +229,7 @@ class IPO(Objective):
     beta: float = dataclasses.field(default=0.1, metadata=above(0))
 
     def loss(self, b: PairLogps):
-        pc, pr, rc, rr = b.with_reference()
-        sum_c, sum_r = losses._log_ratio_sums(pc, pr, rc, rr, b.mask_chosen, b.mask_rejected)
-        avg_c = sum_c / b.mask_chosen.sum(-1).clamp(min=1)
-        avg_r = sum_r / b.mask_rejected.sum(-1).clamp(min=1)
-        loss = ((avg_c - avg_r - 1.0 / (2.0 * self.beta)) ** 2).mean()
-        return loss, _metrics(self.beta * sum_c, self.beta * sum_r, b)  # TRL's rewards: unnormalised log-ratios
+        return losses.ipo_loss(*b.with_reference(), **b.masked(), beta=self.beta)
 
 
 @dataclass
@@ -247,8 +244,6 @@ class CDPO(Objective):
     """
     name: str = "cdpo"
     label: ClassVar[str] = "+ cDPO"
-    # rows of their own (conf/method/<name>.yaml) that fix a setting: the report labels them
-    variants: ClassVar[dict[str, str]] = {"cdpo_per_position": "+ cDPO (per position)"}
     needs_scores: ClassVar[bool] = True
     beta: float = dataclasses.field(default=0.1, metadata=above(0))
     chosen_weighting: str = dataclasses.field(default="only_neg", metadata={"choices": ("only_neg", "p_ce")})
@@ -263,28 +258,74 @@ class CDPO(Objective):
                              "train on scored pairs (run the score stage first)")
         args = (*b.with_reference(), b.mask_chosen, b.mask_rejected)
         weights = dict(weights_chosen=b.weights_chosen, weights_rejected=b.weights_rejected)
+        loss, weighted = losses.cdpo_loss(*args, beta=self.beta, **weights)  # rewards/*: the weighted sums
         if self.loss_form == "per_position":
             loss = losses.cdpo_per_position_loss(*args, beta=self.beta, **weights)
-        else:
-            loss, _ = losses.cdpo_loss(*args, beta=self.beta, **weights)
-        sum_c, sum_r = losses._log_ratio_sums(*args)
-        metrics = _metrics(self.beta * sum_c, self.beta * sum_r, b)
-        w_c, w_r = (self.beta * s for s in losses._log_ratio_sums(*args, b.weights_chosen, b.weights_rejected))
-        metrics.update({"weighted_rewards/chosen": w_c.mean(), "weighted_rewards/rejected": w_r.mean(),
-                        "weighted_rewards/margins": (w_c - w_r).mean(),
-                        "weighted_rewards/accuracies": (w_c > w_r).float().mean()})
-        return loss, {k: v.detach() for k, v in metrics.items()}
+        sum_c, sum_r = losses.log_ratio_sums(*args)
+        metrics = losses.preference_metrics(self.beta * sum_c, self.beta * sum_r, b.policy_chosen, b.policy_rejected,
+                                            **b.masked())
+        metrics.update({f"weighted_{k}": v for k, v in weighted.items() if k.startswith("rewards/")})
+        return loss, metrics
+
+
+@dataclass
+class Hinge(Objective):
+    """SLiC's hinge loss on the DPO margin (Zhao et al. 2023; TRL's loss_type="hinge"): relu(1 - beta h),
+    h = sum D_c - sum D_r; beta is the reciprocal of the margin."""
+    name: str = "hinge"
+    label: ClassVar[str] = "+ Hinge"
+    beta: float = dataclasses.field(default=0.1, metadata=above(0))
+
+    def loss(self, b: PairLogps):
+        pc, pr, rc, rr = b.with_reference()
+        sum_c, sum_r = losses.log_ratio_sums(pc, pr, rc, rr, b.mask_chosen, b.mask_rejected)
+        loss = torch.relu(1.0 - self.beta * (sum_c - sum_r)).mean()
+        return loss, losses.preference_metrics(self.beta * sum_c, self.beta * sum_r, pc, pr, **b.masked())
 
 
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Method:
+    """A method: a row of the report, and `conf/method/<name>.yaml`, which builds `objective` with `settings`."""
+    objective: type[Objective]
+    settings: dict = dataclasses.field(default_factory=dict)  # what its YAML fixes beyond the class defaults
+    label: str | None = None                                  # the report's label, when not the class's
+    grids: tuple[str, ...] = ()                               # the sweep presets (conf/sweep/) it is a row of
+
+
+TABLE1 = ("table1", "embedded")  # the paper's Table 1 (conf/sweep/table1.yaml) and its embedded edition
+
+# The only list of methods, in Table 1's row order. A method joins a sweep preset only when its entry lists
+# it: the paper's grid keeps its rows when an objective is added.
+METHODS: dict[str, Method] = {
+    "baseline": Method(Baseline, grids=TABLE1),
+    "sft": Method(SFT, grids=TABLE1),
+    "dpo": Method(DPO, grids=TABLE1),
+    "tokendpo": Method(TokenDPO, grids=TABLE1),
+    "rpo": Method(RPO, grids=TABLE1),
+    "simpo": Method(SimPO, grids=TABLE1),
+    "ipo": Method(IPO, grids=TABLE1),
+    "cdpo": Method(CDPO, grids=TABLE1),
+    # the authors' training code's form, a row of its own beside the paper's formula (the embedded grid)
+    "cdpo_per_position": Method(CDPO, {"loss_form": "per_position"}, "+ cDPO (per position)", ("embedded",)),
+    "hinge": Method(Hinge),
+}
+
+
+def grid(name: str) -> list[str]:
+    """The methods of sweep preset `name`, in Table 1's order (conf/sweep/<name>.yaml lists them: a test checks)."""
+    return [method for method, m in METHODS.items() if name in m.grids]
+
+
 def build(name: str, **settings) -> Objective:
-    """The registered objective `name` with `settings` (tests and scripts; configs use `_target_`)."""
-    if name not in REGISTRY:
-        raise ConfigError(f"method={name!r}: unknown method; choose one of {', '.join(REGISTRY)} "
+    """The method `name` of `METHODS` with `settings` (tests and scripts; configs use `_target_`)."""
+    if name not in METHODS:
+        raise ConfigError(f"method={name!r}: unknown method; choose one of {', '.join(METHODS)} "
                           "(or give method._target_ = your Objective subclass)")
-    return REGISTRY[name](**settings)
+    method = METHODS[name]
+    return method.objective(**{"name": name, **method.settings, **settings})
 
 
 def from_config(method_cfg) -> Objective:
@@ -319,9 +360,5 @@ def _class_of(target: str) -> type:
 
 
 def row_labels() -> dict[str, str]:
-    """Method name -> the report's row label, in Table 1's order (a class's variants right after it)."""
-    labels = {}
-    for name, cls in REGISTRY.items():
-        labels[name] = cls.label or name
-        labels.update(getattr(cls, "variants", {}))
-    return labels
+    """Method name -> the report's row label, in Table 1's order."""
+    return {name: build(name).row_label for name in METHODS}

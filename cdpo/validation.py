@@ -19,8 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 from cdpo.data.preferences import FIELDS as PREFERENCE_FIELDS, PROMPT_FORMATS, is_preference_data, path_kind
 from cdpo.data.sources import DEFAULT_FIELDS as QUESTION_FIELDS
 from cdpo.errors import ConfigError
+from cdpo.stages import NAMES
 
-STAGES = ("all", "sample", "select", "sft_pos", "sft_neg", "score", "align", "eval")
+STAGES = ("all", *NAMES)
 SOURCES = ("arith", "gsm8k", "math500")  # plus jsonl:<path> and hf:<dataset_id>
 SPLITS = {"arith": ("train", "test"), "gsm8k": ("train", "test"), "math500": ("test",)}
 PROMPT_STYLES = ("gsm8k", "math", "chat")
@@ -238,6 +239,32 @@ def _trainer(c: _Checker) -> None:
     _trainer_keys(c)
 
 
+OWN_TRAINER_KEYS = ("strategy", "checkpoint_every_n_steps")  # ours: not passed to Trainer as they are
+STAGE_TRAINER_KEYS = {"max_epochs": "ce.epochs / align.epochs", "max_steps": "the stage",
+                      "accumulate_grad_batches": "align.grad_accum", "logger": "logger=", "callbacks": "callbacks=",
+                      "default_root_dir": "run_dir", "enable_checkpointing": "trainer.checkpoint_every_n_steps"}
+TRAINER_DEFAULTS = {"enable_model_summary": False, "num_sanity_val_steps": 0}
+
+
+def trainer_arguments(trainer_cfg: DictConfig | dict) -> dict:
+    """The Trainer arguments of the `trainer` section; a key that is none names what to use instead."""
+    import inspect
+
+    import lightning as L  # only when a key is not one of the shipped configs' (KNOWN_TRAINER_KEYS)
+
+    spec = (OmegaConf.to_container(trainer_cfg, resolve=True) if isinstance(trainer_cfg, DictConfig)
+            else dict(trainer_cfg or {}))
+    args = {k: v for k, v in spec.items() if k not in OWN_TRAINER_KEYS}
+    accepted = inspect.signature(L.Trainer.__init__).parameters
+    for key in args:
+        if key in STAGE_TRAINER_KEYS:
+            raise ConfigError(f"trainer.{key}: set by each stage from {STAGE_TRAINER_KEYS[key]}")
+        if key not in accepted:
+            raise ConfigError(f"trainer.{key}: not an argument of lightning's Trainer "
+                              f"(its arguments: {', '.join(k for k in accepted if k != 'self')})")
+    return {**TRAINER_DEFAULTS, **args}
+
+
 # Keys of the shipped trainer configs; any other key is checked against Lightning's Trainer (an import)
 KNOWN_TRAINER_KEYS = {"accelerator", "devices", "num_nodes", "precision", "gradient_clip_val", "log_every_n_steps",
                       "checkpoint_every_n_steps", "strategy"}
@@ -246,8 +273,6 @@ KNOWN_TRAINER_KEYS = {"accelerator", "devices", "num_nodes", "precision", "gradi
 def _trainer_keys(c: _Checker) -> None:
     extra = set(c.get("trainer", None) or {}) - KNOWN_TRAINER_KEYS
     if extra:
-        from cdpo.pipeline.trainers import trainer_arguments
-
         try:
             trainer_arguments({k: c.cfg["trainer"][k] for k in extra})
         except ConfigError as e:
@@ -283,8 +308,10 @@ def _trains(c: _Checker) -> bool:
     settings do not matter). A target that cannot be imported counts as training; method_problems says why."""
     from hydra.utils import get_class
 
+    from cdpo.objectives import TrainsOn
+
     try:
-        return get_class(c.get("method._target_", None)).trains_on != "nothing"
+        return get_class(c.get("method._target_", None)).trains_on != TrainsOn.NOTHING
     except Exception:
         return True
 

@@ -29,7 +29,7 @@ which is what the naive path's logits inflate. The ratio and the targets use "ex
 high-water mark was not raised by the run, the value is an upper bound and is marked "<=".
 
 Methods: naive (full fp32 logits, log_softmax, gather: what a plain HF forward does), ours
-(``cdpo_kernels.preference_loss`` on the chunked torch path, the CPU side of backend "auto"), and
+(``cdpo_kernels.token_logprobs`` + the cDPO objective on the chunked torch path, the CPU side of backend "auto"), and
 TRL 1.16's ``ChunkedLogProbFunction`` (its CPU fallback folds tiles in torch) with the vocabulary
 chunk its DPOTrainer uses (``_CHUNKED_LOGPROB_CHUNK_SIZE``). Our Triton kernels are not timed on
 CPU: under TRITON_INTERPRET=1 every tile is a numpy call, hours at these shapes.
@@ -123,8 +123,15 @@ def loss_ours(inp, backend="torch"):
 
     from cdpo.objectives import build
 
-    return ck.stacked_preference_loss(build("cdpo", beta=0.1), inp["hidden"], inp["w"], inp["labels"], inp["mask"],
-                                      inp["ref"], weights=inp["weights"], backend=backend)[0]
+    # the fused path of cdpo's training: the kernel's log-probs, then the objective (cdpo.objectives)
+    from cdpo.objectives import PairLogps
+
+    half = inp["hidden"].shape[0] // 2
+    lp = ck.token_logprobs(inp["hidden"], inp["w"], inp["labels"], inp["mask"], backend=backend)
+    m, r, wt = inp["mask"], inp["ref"], inp["weights"]
+    return build("cdpo", beta=0.1).loss(PairLogps(lp[:half], lp[half:], m[:half], m[half:], ref_chosen=r[:half],
+                                                  ref_rejected=r[half:], weights_chosen=wt[:half],
+                                                  weights_rejected=wt[half:]))[0]
 
 
 def _rows(inp):

@@ -101,3 +101,33 @@ def contrastive_token_probs(
         z = _combine(pos_flat.index_select(0, r), neg_flat.index_select(0, r), b)
         out[s : s + chunk_size] = _prob_of_target(z, targets[s : s + chunk_size])
     return _scatter_rows(out, rows, (B, T))
+
+
+def dpo_from_logprobs(pol_c, pol_r, ref_c, ref_r, mask_c, mask_r, *, beta=0.1, label_smoothing=0.0,
+                      weights_chosen=None, weights_rejected=None, rpo_alpha=None):
+    """(loss, metrics) of token-weighted DPO (+ RPO's NLL term when rpo_alpha is set), written out
+    independently of ``cdpo.losses`` to cross-check it (moved here from cdpo_kernels.reference: only tests
+    call it)."""
+    mask_c, mask_r = mask_c.bool(), mask_r.bool()
+    w_c = weights_chosen.to(pol_c.dtype) if weights_chosen is not None else torch.ones_like(pol_c)
+    w_r = weights_rejected.to(pol_r.dtype) if weights_rejected is not None else torch.ones_like(pol_r)
+    zero_c, zero_r = torch.zeros_like(pol_c), torch.zeros_like(pol_r)
+    s_c = torch.where(mask_c, w_c * (pol_c - ref_c.to(pol_c.dtype)), zero_c).sum(-1)
+    s_r = torch.where(mask_r, w_r * (pol_r - ref_r.to(pol_r.dtype)), zero_r).sum(-1)
+    z = beta * (s_c - s_r)
+    loss = (-(1 - label_smoothing) * torch.nn.functional.logsigmoid(z)
+            - label_smoothing * torch.nn.functional.logsigmoid(-z)).mean()
+    sum_c = torch.where(mask_c, pol_c, zero_c).sum(-1)
+    sum_r = torch.where(mask_r, pol_r, zero_r).sum(-1)
+    if rpo_alpha is not None:
+        loss = loss + rpo_alpha * (-sum_c / mask_c.sum(-1).clamp(min=1)).mean()
+    metrics = {
+        "rewards/chosen": (beta * s_c).mean(),
+        "rewards/rejected": (beta * s_r).mean(),
+        "rewards/margins": (beta * (s_c - s_r)).mean(),
+        "rewards/accuracies": (s_c > s_r).to(pol_c.dtype).mean(),
+        "logps/chosen": sum_c.mean(),
+        "logps/rejected": sum_r.mean(),
+        "nll": -sum_c.sum() / mask_c.sum().clamp(min=1),
+    }
+    return loss, {k: v.detach() for k, v in metrics.items()}

@@ -1,4 +1,5 @@
 """Data layer: shipped benchmarks, generic loaders and their errors, the arith task, prompts."""
+import dataclasses
 import json
 import re
 
@@ -15,7 +16,7 @@ from cdpo.io import DataError
 def test_problem_round_trip_and_validation():
     p = Problem(id="x-1", question="2+2?", answers=["4", 4.0], solution="2 + 2 = 4.")
     assert p.answers == ("4", "4.0") and p.answer == "4"
-    back = Problem.from_dict(json.loads(json.dumps(p.to_dict())))
+    back = Problem(**json.loads(json.dumps(dataclasses.asdict(p))))
     assert back == p
     with pytest.raises(ValueError, match="gold answer"):
         Problem(id="x", question="q", answers=())

@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from cdpo import head as cdpo_head
 from cdpo import losses as L
 import oracles as O
 
@@ -455,7 +456,7 @@ def test_token_logprobs_chunked_unchunked_hidden_and_float64():
     for name in ("unchunked", "chunked", "hidden"):
         h, w, b = (x.clone().requires_grad_() for x in (hidden, weight, bias))
         if name == "hidden":
-            out = L.token_logprobs_from_hidden(h, w, labels, mask, bias=b, chunk_size=2)
+            out = cdpo_head.token_logprobs_from_hidden(h, w, labels, mask, bias=b, chunk_size=2)
         else:
             logits = h @ w.T + b
             out = O.token_logprobs(logits, labels, mask, chunk_size=None if name == "unchunked" else 3)
@@ -470,7 +471,7 @@ def test_token_logprobs_chunked_unchunked_hidden_and_float64():
     _assert_close(results["hidden"], results["unchunked"], tol=1e-6)
     # no grad: the hidden-state version also works without autograd bookkeeping
     with torch.no_grad():
-        _assert_close(L.token_logprobs_from_hidden(hidden, weight, labels, mask, bias=bias), ref)
+        _assert_close(cdpo_head.token_logprobs_from_hidden(hidden, weight, labels, mask, bias=bias), ref)
 
 
 def test_token_logprobs_upcasts_half_precision():
@@ -515,7 +516,7 @@ def _kl_case(seed=0, B=2, T=4, V=5):
 def test_sequential_kl_matches_double_loop(chunk_size):
     ref, pol, mask = _kl_case()
     pol_leaf = pol.clone().requires_grad_()
-    kl = L.sequential_kl(_with_garbage(ref, mask), pol_leaf, mask, chunk_size=chunk_size)
+    kl = cdpo_head.sequential_kl_from_logits(_with_garbage(ref, mask), pol_leaf, mask, chunk_size=chunk_size)
     pol64 = pol.double().requires_grad_()
     kl64 = naive_kl(ref, pol64, mask)
     assert torch.isfinite(kl).all() and kl.dtype == torch.float32
@@ -526,14 +527,14 @@ def test_sequential_kl_matches_double_loop(chunk_size):
     assert torch.isfinite(pol_leaf.grad).all()
     _assert_close(pol_leaf.grad, pol64.grad)
     # KL(p || p) = 0 and KL >= 0
-    _assert_close(L.sequential_kl(ref, ref.clone(), mask), torch.zeros(2))
+    _assert_close(cdpo_head.sequential_kl_from_logits(ref, ref.clone(), mask), torch.zeros(2))
     assert (kl > 0).all()
 
 
 def test_sequential_kl_gradient_wrt_ref_is_finite():
     ref, pol, mask = _kl_case(seed=3)
     r = ref.clone().requires_grad_()
-    L.sequential_kl(r, pol, mask).sum().backward()
+    cdpo_head.sequential_kl_from_logits(r, pol, mask).sum().backward()
     assert torch.isfinite(r.grad).all()
 
 
@@ -557,7 +558,8 @@ def _tdpo_ours(chosen, rejected, variant, beta, alpha, pol_c, pol_r):
     return L.tdpo_loss(
         O.token_logprobs(pol_c, yc, mc, chunk_size=2), O.token_logprobs(pol_r, yr, mr),
         O.token_logprobs(ref_c, yc, mc), O.token_logprobs(ref_r, yr, mr), mc, mr,
-        L.sequential_kl(ref_c, pol_c, mc, chunk_size=3), L.sequential_kl(ref_r, pol_r, mr),
+        cdpo_head.sequential_kl_from_logits(ref_c, pol_c, mc, chunk_size=3),
+        cdpo_head.sequential_kl_from_logits(ref_r, pol_r, mr),
         beta=beta, alpha=alpha, variant=variant,
     )
 
@@ -638,10 +640,10 @@ def test_tdpo_rejects_unknown_variant():
 
 
 def test_objectives_dispatch_to_the_loss_functions_and_refuse_unknown_methods():
-    from cdpo.objectives import REGISTRY, PairLogps, build
+    from cdpo.objectives import METHODS, PairLogps, build
 
     batch = _pair_batch(seed=12)
-    assert {"dpo", "rpo", "cdpo", "tokendpo", "simpo", "ipo"} <= set(REGISTRY)
+    assert {"dpo", "rpo", "cdpo", "tokendpo", "simpo", "ipo"} <= set(METHODS)
     logps = PairLogps(batch["policy_chosen"], batch["policy_rejected"], batch["mask_chosen"], batch["mask_rejected"],
                       ref_chosen=batch["ref_chosen"], ref_rejected=batch["ref_rejected"])
     direct = L.dpo_loss(**batch, beta=0.2)[0]

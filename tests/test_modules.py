@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from cdpo import losses  # noqa: E402
+from cdpo import head, losses  # noqa: E402
 from oracles import contrastive_token_probs  # noqa: E402
 from cdpo.data.collate import collate_pairs, collate_sequences  # noqa: E402
 from cdpo.models import add_lora, reference_model, tiny_llama, use_adapter  # noqa: E402
@@ -193,7 +193,7 @@ def _row_kl(policy, ref, prompt, response):
     pol, rf = _row_logits(policy, prompt, response), _row_logits(ref, prompt, response)
     mask = torch.zeros(1, pol.shape[0] - 1, dtype=torch.bool)
     mask[0, len(prompt) - 1:] = True
-    return losses.sequential_kl(rf[None, :-1], pol[None, :-1], mask)[0]
+    return head.sequential_kl_from_logits(rf[None, :-1], pol[None, :-1], mask)[0]
 
 
 @pytest.mark.parametrize("variant", [1, 2])

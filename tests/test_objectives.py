@@ -1,15 +1,20 @@
 """The objectives of cdpo.objectives: SimPO and IPO against TRL 1.16 and float64 formulas, the
-registry, and the validation of their settings."""
+registry (every method of it: what it reads, its config, its label), and the validation of their settings."""
+import dataclasses
 import math
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cdpo.objectives import CDPO, REGISTRY, ConfigError, PairLogps, build, from_config, row_labels
-from test_losses import _leaves, _pair_batch, naive_logsig, naive_sum, trl_dpo
+from cdpo.objectives import (CDPO, DPO, METHODS, ConfigError, PairLogps, TrainsOn, build, from_config,
+                             row_labels)
+from test_losses import _leaves, _pair_batch, _with_garbage, naive_logsig, naive_sum, trl_dpo
+
+PAIR_METHODS = [m for m in METHODS if build(m).trains_on is TrainsOn.PAIRS]
 
 
 def _logps(batch, **extra):
@@ -54,6 +59,26 @@ def test_ipo_against_float64_formula():
     want = ((h - 1 / (2 * beta)) ** 2).mean()
     got, _ = build("ipo", beta=beta).loss(_logps(batch))
     assert abs(got.item() - want.item()) < 1e-5
+
+
+# ---------------------------------------------------------------------------- hinge
+
+
+@pytest.mark.parametrize("beta", [0.1, 2.0])
+def test_hinge_matches_trl(beta):
+    batch = _pair_batch(seed=25)
+    t_loss, t_metrics, t_gc, t_gr = trl_dpo(batch, beta, loss_types=("hinge",))
+    ours = _leaves(batch, garbage=True)
+    loss, metrics = build("hinge", beta=beta).loss(_logps(ours))
+    loss.backward()
+    assert t_gc.abs().sum() > 0  # some pair inside the margin: the gradient is compared, not only zeros
+    torch.testing.assert_close(loss.detach(), t_loss, rtol=1e-5, atol=1e-6)
+    mc, mr = batch["mask_chosen"], batch["mask_rejected"]
+    torch.testing.assert_close(ours["policy_chosen"].grad[mc], t_gc[mc], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours["policy_rejected"].grad[mr], t_gr[mr], rtol=1e-5, atol=1e-6)
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+                "logps/rejected"):
+        assert abs(metrics[key].item() - t_metrics[key]) < 1e-5, key
 
 
 # ---------------------------------------------------------------------------- SimPO
@@ -106,14 +131,72 @@ def test_simpo_against_float64_formula_and_needs_no_reference():
 
 
 def test_each_objective_declares_its_needs():
-    needs = {name: (cls.trains_on, cls.needs_reference, cls.needs_reference_kl, cls.needs_scores)
-             for name, cls in REGISTRY.items()}
-    assert needs == {
+    needs = {name: (o.trains_on, o.needs_reference, o.needs_reference_kl, o.needs_scores)
+             for name, o in ((name, build(name)) for name in METHODS)}
+    assert {name: needs[name] for name in ("baseline", "sft", "dpo", "tokendpo", "rpo", "simpo", "ipo", "cdpo")} == {
         "baseline": ("nothing", False, False, False), "sft": ("positives", False, False, False),
         "dpo": ("pairs", True, False, False), "tokendpo": ("pairs", True, True, False),
         "rpo": ("pairs", True, False, False), "simpo": ("pairs", False, False, False),
         "ipo": ("pairs", True, False, False), "cdpo": ("pairs", True, False, True),
     }
+
+
+# the inputs each need brings (PairLogps fields)
+NEEDS = {"needs_reference": ("ref_chosen", "ref_rejected"), "needs_scores": ("weights_chosen", "weights_rejected"),
+         "needs_reference_kl": ("kl_chosen", "kl_rejected")}
+
+
+@pytest.mark.parametrize("name", PAIR_METHODS)
+def test_every_pair_objective_reads_what_it_declares_and_no_masked_slot(name):
+    """Every method of the registry (a new one too): without an input it does not declare, the same loss; without
+    one it declares, a ValueError naming it; NaN / inf in masked slots of every input change nothing; TRL's
+    metric names, detached."""
+    objective = build(name)
+    batch = _pair_batch(seed=31)
+    g = torch.Generator().manual_seed(5)
+    scores = tuple(torch.rand(batch[k].shape, generator=g) for k in ("policy_chosen", "policy_rejected"))
+    kl = torch.rand(3, generator=g), torch.rand(3, generator=g)
+
+    def run(garbage=False, drop=()):
+        b = _leaves(batch, garbage=garbage)
+        masks = (batch["mask_chosen"], batch["mask_rejected"])
+        sc, sr = (_with_garbage(x, m) if garbage else x for x, m in zip(scores, masks))
+        w_c, w_r = objective.token_weights(sc, sr)
+        fields = dict(ref_chosen=b["ref_chosen"], ref_rejected=b["ref_rejected"], weights_chosen=w_c,
+                      weights_rejected=w_r, kl_chosen=kl[0], kl_rejected=kl[1])
+        fields.update({k: None for k in drop})
+        loss, metrics = objective.loss(PairLogps(b["policy_chosen"], b["policy_rejected"], b["mask_chosen"],
+                                                 b["mask_rejected"], **fields))
+        loss.backward()
+        return loss.detach(), metrics, b["policy_chosen"].grad, b["policy_rejected"].grad
+
+    loss, metrics, g_c, g_r = run()
+    assert torch.isfinite(loss) and g_c.abs().sum() > 0
+    assert {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
+            "logps/rejected"} <= set(metrics)
+    assert all(not v.requires_grad and torch.isfinite(v) for v in metrics.values())
+    d_loss, _, d_c, d_r = run(garbage=True)
+    torch.testing.assert_close(d_loss, loss, rtol=0, atol=0)
+    assert torch.equal(d_c, g_c) and torch.equal(d_r, g_r)
+    for need, fields in NEEDS.items():
+        if getattr(objective, need):
+            with pytest.raises(ValueError):
+                run(drop=fields)
+        else:
+            assert torch.equal(run(drop=fields)[0], loss), need
+
+
+def test_defining_an_objective_class_registers_nothing():
+    """The registry is explicit: a class defined elsewhere (a test, a user's module) does not join it."""
+    before = dict(METHODS)
+
+    @dataclasses.dataclass
+    class Mine(DPO):
+        name: str = "mine_dpo"
+        label: ClassVar[str] = "+ Mine"
+
+    assert METHODS == before and "mine_dpo" not in row_labels()
+    assert Mine().row_label == "+ Mine" and Mine().trains
 
 
 def test_reference_free_objective_never_runs_the_reference(monkeypatch):
@@ -175,8 +258,11 @@ def test_unknown_key_and_missing_target_are_named():
 
 def test_every_method_config_builds_its_objective():
     built = {p.stem: from_config(_method_cfg(p)) for p in CONF.glob("*.yaml")}
-    assert set(built) == set(row_labels()) == {*REGISTRY, "cdpo_per_position"}
-    assert all(type(o) is REGISTRY[name] and o.name == name for name, o in built.items() if name in REGISTRY)
+    assert set(built) == set(row_labels()) == set(METHODS)  # one YAML per method of the registry
+    for name, objective in built.items():
+        assert type(objective) is METHODS[name].objective and objective.name == name
+        assert all(getattr(objective, k) == v for k, v in METHODS[name].settings.items())
+        assert objective.row_label == row_labels()[name] == build(name).row_label
     # the authors' form as a row of its own: cDPO with only the loss form fixed
     variant, cdpo = built["cdpo_per_position"], built["cdpo"]
     assert type(variant) is CDPO and variant.name == "cdpo_per_position"
@@ -267,3 +353,35 @@ def test_cdpo_forms_differ_and_metrics_are_trls_unweighted_rewards():
     w_r = torch.where(m_r, 1 - p_r, 0.0)
     weighted_rejected = 0.1 * (torch.where(m_r, d_r, 0.0) * w_r).sum(-1).mean()
     assert abs(m_seq["weighted_rewards/rejected"].item() - weighted_rejected.item()) < 1e-6
+
+
+# ---------------------------------------------------------------------------- a user's own objective
+
+
+def test_a_users_objective_in_its_own_module_has_its_label_in_the_report(tmp_path, monkeypatch):
+    """`_target_: mypkg.MyLoss`: no registry entry, and the report labels its row as the class says (the label
+    is asked of the objective the run's saved method section builds, not looked up at import)."""
+    from cdpo.io import write_json, write_jsonl
+    from cdpo.report import Table, collect_local
+
+    def write_run(method: dict, seed: int, correct: list[int]):  # what the eval stage writes in a method_dir
+        method_dir = tmp_path / "runs" / f"{method['name']}-seed{seed}"
+        config = {"model": {"name": "tiny"}, "data": {"name": "arith"}, "method": method, "seed": seed}
+        write_json(method_dir / "eval.json", {"accuracy": sum(correct) / len(correct), "questions": len(correct),
+                                              "correct": sum(correct), "config": config})
+        write_jsonl(method_dir / "eval.jsonl", [{"id": f"q{i}", "samples": [{"correct": bool(c)}]}
+                                                for i, c in enumerate(correct)])
+
+    (tmp_path / "mypkg").mkdir()
+    (tmp_path / "mypkg" / "__init__.py").write_text(
+        "from dataclasses import dataclass\nfrom typing import ClassVar\n\nfrom cdpo.objectives import DPO\n\n\n"
+        "@dataclass\nclass MyLoss(DPO):\n    name: str = 'my_loss'\n    label: ClassVar[str] = '+ My loss'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        write_run({"_target_": "mypkg.MyLoss", "name": "my_loss", "beta": 0.2}, seed, [1, 0, 1])
+        write_run({"_target_": "cdpo.objectives.CDPO", "name": "cdpo"}, seed, [1, 1, 1])
+    table = Table(collect_local([root]), resamples=100)
+    assert table.rows == ["cdpo", "my_loss"]  # Table 1's order, then the user's methods
+    md = table.markdown()
+    assert "| + My loss |" in md and "| my_loss |" not in md and "| + cDPO |" in md

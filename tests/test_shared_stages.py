@@ -17,7 +17,7 @@ from cdpo.pipeline import context, run_pipeline, trainers
 from cdpo.pipeline import select as select_stage
 from cdpo.pipeline.artifacts import RunPaths
 from cdpo.pipeline.select import select_question
-from cdpo.pipeline.training import preference_module
+from cdpo.pipeline.align import preference_module
 
 
 

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from test_pipeline import TINY, _cfg, _inject_correct_samples
 
 from cdpo.io import read_jsonl
+from cdpo.objectives import build, grid
 from cdpo.models import load_tokenizer
 from cdpo.pipeline import run_pipeline
 from cdpo.pipeline.artifacts import RunPaths
@@ -38,14 +39,14 @@ def _compose_all(override_lists):
 
 def test_sweep_presets_cover_table1_and_the_ablations():
     assert {"table1", "embedded", *ABLATIONS} <= set(SWEEPS)
-    from cdpo.objectives import REGISTRY, row_labels
+    from cdpo.objectives import grid
 
-    # every registered objective is a row of both grids, in the report's order (one list: the registry);
-    # the embedded grid also has cDPO's per-position form as a row of its own
-    assert _hydra_grid("embedded") == {"method": list(row_labels()), "seed": ["0", "1", "2"]}
-    assert list(row_labels()) == [*REGISTRY, "cdpo_per_position"]
+    # a grid's rows are the methods whose registry entry lists it (cdpo.objectives.METHODS), in its order
+    assert _hydra_grid("embedded") == {"method": grid("embedded"), "seed": ["0", "1", "2"]}
     table1 = _hydra_grid("table1")
-    assert table1["method"] == list(REGISTRY)
+    assert table1["method"] == grid("table1")
+    # the paper's grids keep their rows when an objective is added (its entry lists no grid unless it says so)
+    assert grid("embedded") == [*grid("table1"), "cdpo_per_position"]
     assert len(table1["+experiment"]) * len(table1["method"]) * len(table1["seed"]) == 6 * 8 * 3
 
 
@@ -104,12 +105,14 @@ def test_embedded_grid_script_end_to_end(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout
+    methods = grid("embedded")
+    trained = [m for m in methods if build(m).trains]  # the baseline trains nothing
     ran = {stage: log.count(f"[{stage}] running") for stage in ("sample", "select", "sft_pos", "sft_neg", "score",
                                                                  "align", "eval")}
-    assert ran == {"sample": 0, "select": 1, "sft_pos": 1, "sft_neg": 1, "score": 1, "align": 16, "eval": 18}
+    assert ran == {"sample": 0, "select": 1, "sft_pos": 1, "sft_neg": 1, "score": 1, "align": 2 * len(trained),
+                   "eval": 2 * len(methods)}
     assert read_jsonl(run / "trajectories.jsonl") == trajectories  # no job resampled
 
-    methods = ("baseline", "sft", "dpo", "tokendpo", "rpo", "simpo", "ipo", "cdpo", "cdpo_per_position")
     for method in methods:
         for seed in (0, 1):
             assert (run / f"{method}-seed{seed}" / "eval.jsonl").exists(), (method, seed)
@@ -120,14 +123,15 @@ def test_embedded_grid_script_end_to_end(tmp_path):
 
     md = (out.parent / "embedded.md").read_text()
     assert md in log  # the report printed what it wrote
-    for label in ("Baseline", "+ SFT", "+ DPO", "+ TokenDPO", "+ RPO", "+ SimPO", "+ IPO", "+ cDPO",
-                  "+ cDPO (per position)"):
-        assert f"| {label} | 0.0 ± 0.0 |" in md  # a random model: 0 of 3 questions, 2 seeds each
+    for method in methods:
+        assert f"| {build(method).row_label} | 0.0 ± 0.0 |" in md  # a random model: 0 of 3 questions, 2 seeds each
     # the run_dir's shared SFT evaluation (the positive CE model) is a row too; its base evaluation is the baseline's
     assert "| SFT (positive CE model) | 0.0 |" in md and "Baseline (base model)" not in md
-    assert sum(line.startswith("| arith tiny |") for line in md.splitlines()) == 9  # cDPO vs each other row
+    # cDPO against each other row: the other methods and the shared SFT (positive CE model) row
+    assert sum(line.startswith("| arith tiny |") for line in md.splitlines()) == len(methods) - 1 + 1
     csv_rows = (out.parent / "embedded.csv").read_text().splitlines()
-    assert len(csv_rows) == 11 and sum(",2,0;1," in r for r in csv_rows[1:]) == 9 and ",sft_pos,1," in csv_rows[1]
+    assert len(csv_rows) == 1 + len(methods) + 1 and ",sft_pos,1," in csv_rows[1]
+    assert sum(",2,0;1," in r for r in csv_rows[1:]) == len(methods)
     # the second significance table: every row against the authors' per-position form
     md_pp = (out.parent / "embedded-per_position.md").read_text()
     assert "| arith tiny | + cDPO |" in md_pp and "| arith tiny | + cDPO (per position) |" not in md_pp

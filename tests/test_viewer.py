@@ -9,7 +9,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from cdpo.analysis.viewer import dump_dom, entries, find_chromium, main, render, screenshot, write_viewer  # noqa: E402
+from cdpo.analysis.viewer import chromium, entries, find_chromium, main, render, screenshot, write_viewer  # noqa: E402
 from cdpo.io import write_jsonl  # noqa: E402
 from cdpo.models import load_tokenizer  # noqa: E402
 
@@ -131,7 +131,7 @@ def test_page_renders_in_chromium(tmp_path, tok):
     assert ((r > 200) & (g < 120) & (b < 120)).sum() > 50
 
     # the scripts ran: the fragment's filter hides the correct responses and sorts by lowest p_ce
-    dom = dump_dom(page, fragment="show=incorrect&sort=score&shade=rollout")
+    dom = chromium(page, "--dump-dom", fragment="show=incorrect&sort=score&shade=rollout").stdout
     assert 'data-state="show=incorrect&amp;sort=score&amp;shade=rollout"' in dom
     parsed = _Tokens()
     parsed.feed(dom)

@@ -229,11 +229,6 @@ def screenshot(page: Path, png: Path, *, width: int = 1200, height: int = 900, f
     return png
 
 
-def dump_dom(page: Path, fragment: str = "") -> str:
-    """The page's DOM after its scripts ran."""
-    return chromium(page, "--dump-dom", fragment=fragment).stdout
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m cdpo.analysis.viewer", description=__doc__.split("\n\n")[0])
     ap.add_argument("scored", type=Path, help="scored pairs JSONL (the score stage's scored_pairs.jsonl)")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 
 @dataclass(frozen=True)
@@ -13,8 +12,8 @@ class Problem:
     solution: str | None = None  # reference worked solution (SFT target), when the source has one
 
     def __post_init__(self):
-        # Coerce here so that every loader (and from_dict on a JSON round trip, where tuples
-        # come back as lists) yields the same hashable, comparable record.
+        # Coerce here so that every loader (and a JSON round trip, where tuples come back as
+        # lists) yields the same hashable, comparable record.
         answers = self.answers
         if isinstance(answers, (str, int, float)):
             answers = (answers,)
@@ -30,10 +29,3 @@ class Problem:
     def answer(self) -> str:
         """The first (canonical) gold answer."""
         return self.answers[0]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "question": self.question, "answers": list(self.answers), "solution": self.solution}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Problem":
-        return cls(id=d["id"], question=d["question"], answers=d["answers"], solution=d.get("solution"))

@@ -14,14 +14,14 @@ from cdpo.head import head_ops
 from cdpo.logprobs import backbone_and_head, hidden_states
 from cdpo.models import reference_model
 from cdpo.modules.optim import AdapterTrainingModule
-from cdpo.objectives import Objective, PairLogps
+from cdpo.objectives import Objective, PairLogps, TrainsOn
 
 
 class PreferenceModule(AdapterTrainingModule):
     def __init__(self, model, objective: Objective, *, lr: float = 4e-5, weight_decay: float = 0.01,
                  warmup_ratio: float = 0.1, **optim):
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio, **optim)
-        if objective.trains_on != "pairs":
+        if objective.trains_on is not TrainsOn.PAIRS:
             raise ValueError(f"method {objective.name!r} trains on {objective.trains_on}, not on preference pairs")
         self.model, self.objective = model, objective
         self.head = head_ops(self.loss_impl)

@@ -27,8 +27,9 @@ from cdpo import signals
 from cdpo.data.preferences import IMPORT_SETTINGS, hub_fingerprint, is_preference_data
 from cdpo.errors import CorruptArtifactError, SettingsConflictError, StaleInputError
 from cdpo.io import DataError, _atomic_write_text, iter_jsonl, read_jsonl, write_json, write_jsonl
-from cdpo.objectives import from_config as objective_of
+from cdpo.objectives import Objective, TrainsOn, from_config as objective_of
 from cdpo.pipeline import identity as ident
+from cdpo.stages import BY_NAME, STAGES
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class RunPaths:
         return self.method / "eval.jsonl"
 
     def marker(self, stage: str) -> Path:
-        return (self.method if stage in ("align", "eval") else self.run) / f"{stage}.done.json"
+        return (self.method if BY_NAME[stage].level == "method" else self.run) / f"{stage}.done.json"
 
     @property
     def aligned_adapter(self) -> Path:
@@ -96,22 +97,16 @@ class RunPaths:
         return str(path)
 
 
-# Config sections each stage depends on; a stage also depends on everything its inputs depended on.
-STAGE_INPUTS = {
-    "sample": ("model", "data", "sample", "generation"),
-    "select": ("select",),
-    "sft_pos": ("ce", "ce_lora"),
-    "sft_neg": ("ce", "ce_lora"),
-    "score": ("ce",),
-    "align": ("method", "peft", "align", "seed", "loss_impl"),
-}
+# Config sections each stage depends on (the table of stages); a stage also depends on everything its inputs
+# depended on.
+STAGE_INPUTS = {s.name: s.settings for s in STAGES if s.settings is not None}
 # Settings inside those sections that a stage does not use: changing them must not redo it (the CE
 # models do not depend on the contrastive strength b, so an ablation over b reuses them).
 STAGE_IGNORES = {
     "sft_pos": ("ce.b", "ce.shard_size", "ce.share_prefix"),
     "sft_neg": ("ce.b", "ce.shard_size", "ce.share_prefix"),
 }
-_ORDER = ("sample", "select", "sft_pos", "sft_neg", "score", "align")
+_ORDER = tuple(STAGE_INPUTS)
 
 
 def changed_settings(paths: RunPaths, stage: str, cfg: DictConfig) -> list[str]:
@@ -150,29 +145,33 @@ def _signature_of(config: dict, stage: str) -> dict:
 
 
 # The settings of the align stage that make a method result (its method_dir holds one).
-METHOD_KEYS = ("method", "peft", "align", "seed", "loss_impl")
+METHOD_KEYS = BY_NAME["align"].settings
 
 
-def align_input(paths: RunPaths, objective) -> tuple[str, Path] | None:
+def align_input(paths: RunPaths, objective: Objective) -> tuple[str, Path] | None:
     """(upstream stage, file) the align stage trains `objective` on: the scored pairs when it needs CE
     scores, the positives (SFT), the pairs, or nothing (the baseline)."""
-    if objective.trains_on == "nothing":
+    if not objective.trains:
         return None
-    if objective.trains_on == "positives":
+    if objective.trains_on is TrainsOn.POSITIVES:
         return "select", paths.positives
     return ("score", paths.scored_pairs) if objective.needs_scores else ("select", paths.pairs)
 
 
-def input_files(cfg: DictConfig, paths: RunPaths, stage: str) -> list[tuple[str, Path]]:
-    """(upstream stage, file) that `stage` reads."""
-    objective = objective_of(cfg.method)
+def input_files(cfg: DictConfig, paths: RunPaths, stage: str, objective: Objective | None = None
+                ) -> list[tuple[str, Path]]:
+    """(upstream stage, file) that `stage` reads. `objective`: the run's (built from cfg.method when a caller
+    outside a run, a test or a script, gives none)."""
+    if BY_NAME[stage].level == "method" and objective is None:
+        objective = objective_of(cfg.method)
     if stage == "align":
         return [x for x in [align_input(paths, objective)] if x]
+    if stage == "eval":
+        return [("align", paths.aligned_adapter)] if objective.trains else []
     select = [] if paths.preference else [("sample", paths.trajectories)]  # the user's rows: stage_identity
     return {"sample": [], "select": select, "sft_pos": [("select", paths.positives)],
             "sft_neg": [("select", paths.negatives)],
-            "score": [("select", paths.pairs), ("sft_pos", paths.pos_adapter), ("sft_neg", paths.neg_adapter)],
-            "eval": [] if objective.trains_on == "nothing" else [("align", paths.aligned_adapter)]}[stage]
+            "score": [("select", paths.pairs), ("sft_pos", paths.pos_adapter), ("sft_neg", paths.neg_adapter)]}[stage]
 
 
 def read_marker(paths: RunPaths, stage: str) -> dict | None:
@@ -203,10 +202,12 @@ def preferences_digest(data: DictConfig) -> str:
     return ident.describe(Path(data.path).expanduser())["sha256"]
 
 
-def stage_identity(cfg: DictConfig, paths: RunPaths, stage: str, *, questions: str | None = None) -> dict:
+def stage_identity(cfg: DictConfig, paths: RunPaths, stage: str, objective: Objective | None = None, *,
+                   questions: str | None = None) -> dict:
     """What `stage`'s artifact is made of: its settings (and its inputs' settings), its inputs' content
     hashes, the base model's identity and, for sample, the training questions' digest."""
-    inputs = {paths.name(path): input_digest(paths, up, path) for up, path in input_files(cfg, paths, stage)}
+    inputs = {paths.name(path): input_digest(paths, up, path)
+              for up, path in input_files(cfg, paths, stage, objective)}
     if stage == "sample":
         if questions is None:
             from cdpo.pipeline import context  # the data loaders (and torch): only for this stage
@@ -275,11 +276,12 @@ def check_artifact(paths: RunPaths, stage: str, path: Path, marker: dict | None 
         raise CorruptArtifactError(
             f"{path}: {problem}. Delete {paths.marker(stage)} to redo stage {stage} (and what uses it), or keep the "
             f"file as it is with: python -m cdpo.pipeline.accept {paths.run} {stage}"
-            + (f" {paths.method}" if stage in ("align", "eval") else ""))
+            + (f" {paths.method}" if BY_NAME[stage].level == "method" else ""))
     return None
 
 
-def check_inputs(cfg: DictConfig, paths: RunPaths, stage: str, known: dict[str, dict] | None = None) -> None:
+def check_inputs(cfg: DictConfig, paths: RunPaths, stage: str, objective: Objective | None = None,
+                 known: dict[str, dict] | None = None) -> None:
     """Refuse to run `stage` on inputs that are missing, unfinished, made with other settings or damaged:
     the result would mix them with this run's settings. `known`: identities already computed in this run
     (stage -> identity), not computed again."""
@@ -289,7 +291,7 @@ def check_inputs(cfg: DictConfig, paths: RunPaths, stage: str, known: dict[str, 
         if imported is not None and imported != preferences_digest(cfg.data):
             raise StaleInputError(f"{paths.pairs} was imported from other contents of {cfg.data.path}: run "
                                   "stage=select first, or stage=all")
-    for up, path in input_files(cfg, paths, stage):
+    for up, path in input_files(cfg, paths, stage, objective):
         marker = read_marker(paths, up)
         if marker is None:
             what = "missing" if not path.exists() else f"not finished (no {paths.marker(up).name})"
@@ -300,7 +302,7 @@ def check_inputs(cfg: DictConfig, paths: RunPaths, stage: str, known: dict[str, 
                 f"{path} was made with other settings ({'; '.join(changed[:4])}): running {stage} on it would mix "
                 f"them with this run's; run stage={up} first, or stage=all")
         # an input made from inputs that have changed since (an upstream stage redone or accepted): stale
-        current = (known or {}).get(up) or stage_identity(cfg, paths, up)
+        current = (known or {}).get(up) or stage_identity(cfg, paths, up, objective)
         if (marker.get("identity") or {}).get("hash") != current["hash"]:
             raise StaleInputError(f"{path} was made from inputs that have changed since "
                                   f"({_why_other(paths, up, cfg, marker, current)}): run stage={up} first, or stage=all")
@@ -313,7 +315,7 @@ def reuse_stage(source: RunPaths, paths: RunPaths, stage: str, identity: dict) -
     settings and input contents) and its artifacts are intact. Files are hard-linked (every artifact is
     replaced by rename, never rewritten in place, so the two run_dirs cannot alter each other's copy),
     directories, markers and configs copied."""
-    if stage not in STAGE_INPUTS or stage == "align" or source.run.resolve() == paths.run.resolve():
+    if BY_NAME[stage].level != "run" or source.run.resolve() == paths.run.resolve():
         return False
     marker = read_marker(source, stage)
     if marker is None or marker.get("identity", {}).get("hash") != identity["hash"]:

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from cdpo.errors import StaleInputError
 from cdpo.generation import GenerationStats
 from cdpo.io import DataError, read_jsonl, write_json, write_jsonl
-from cdpo.objectives import from_config as objective_of
+from cdpo.objectives import Objective, from_config as objective_of
 from cdpo.pipeline import context, trainers
 from cdpo.pipeline.artifacts import RunPaths
 from cdpo.pipeline.identity import describe, model_identity, questions_digest
@@ -87,9 +87,11 @@ def adapter_for(paths: RunPaths, label: str) -> Path | None:
     return None if label == "base" else paths.pos_adapter if label == "sft" else paths.aligned_adapter
 
 
-def run(cfg: DictConfig, paths: RunPaths) -> dict:
+def run(cfg: DictConfig, paths: RunPaths, objective: Objective | None = None) -> dict:
+    """`objective`: the run's (built from cfg.method when a caller outside a run gives none)."""
     tok = context.tokenizer(cfg)
-    baseline = objective_of(cfg.method).trains_on == "nothing"  # the base model is the method's own result
+    objective = objective if objective is not None else objective_of(cfg.method)
+    baseline = not objective.trains  # the base model is the method's own result
     labels = [cfg.method.name] if baseline else list(dict.fromkeys([*cfg.compare, cfg.method.name]))
     results, todo = {}, []
     problems = context.problems(cfg, cfg.eval.split, cfg.eval.limit)

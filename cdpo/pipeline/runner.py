@@ -1,6 +1,7 @@
 """Runs the stages in order, skipping those finished with this run's identity, and prints what was achieved."""
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 
@@ -9,32 +10,31 @@ from omegaconf import DictConfig, OmegaConf
 
 from cdpo import distributed, signals
 from cdpo.data.preferences import is_preference_data
-from cdpo.objectives import from_config as objective_of
-from cdpo.pipeline import artifacts, evaluate, sample, score, select, training
+from cdpo.objectives import Objective, from_config as objective_of
+from cdpo.pipeline import artifacts
 from cdpo.pipeline.artifacts import RunPaths
 from cdpo.pipeline.lock import run_lock
+from cdpo.stages import BY_NAME, NAMES as STAGES
 from cdpo.validation import validate
 
 log = logging.getLogger(__name__)
 
-STAGES = ("sample", "select", "sft_pos", "sft_neg", "score", "align", "eval")
 
-
-def _stages_for(cfg: DictConfig) -> list[str]:
+def _stages_for(cfg: DictConfig, objective: Objective) -> list[str]:
     if cfg.stage == "all":
-        objective = objective_of(cfg.method)
         preference = is_preference_data(cfg.data)
         evaluate = not preference or bool(cfg.data.get("eval_source"))
         if preference and not evaluate:
             log.info("[eval] preference data has no gold answers: the run ends after align (data.eval_source="
                      "<arith|gsm8k|jsonl:path|...> evaluates on its test questions)")
-        if objective.trains_on == "nothing":  # the baseline: the base model, evaluated as it is
+        if not objective.trains:  # the baseline: the base model, evaluated as it is
             return ["eval"]
         stages = [s for s in STAGES if not (preference and s == "sample") and (evaluate or s != "eval")]
         if not objective.needs_scores:  # the CE scores (and the negative model) serve only such objectives
             stages = [s for s in stages if s not in ("score", "sft_neg")]
-            # the positive model is then only the "sft" row of the evaluation (or the aligned model itself)
-            if not evaluate or "sft" not in cfg.compare or cfg.method.name == "sft":
+            # the positive model is then only the "sft" row of the evaluation, unless the method's own row
+            # takes that name (the SFT row is the aligned model itself)
+            if not evaluate or "sft" not in set(cfg.compare) - {objective.name}:
                 stages.remove("sft_pos")
         return stages
     if cfg.stage not in STAGES:
@@ -42,25 +42,17 @@ def _stages_for(cfg: DictConfig) -> list[str]:
     return [cfg.stage]
 
 
-RUNNERS = {
-    "sample": sample.run,
-    "select": select.run,
-    "sft_pos": lambda cfg, paths: training.train_sft(cfg, paths, which="pos"),
-    "sft_neg": lambda cfg, paths: training.train_sft(cfg, paths, which="neg"),
-    "score": score.run,
-    "align": training.train_align,
-    "eval": evaluate.run,
-}
+def run_stage(cfg: DictConfig, paths: RunPaths, stage: str, objective: Objective) -> dict:
+    """Run `stage` as the table of stages declares it (cdpo.stages)."""
+    declared = BY_NAME[stage]
+    run = getattr(importlib.import_module(f"cdpo.pipeline.{declared.module}"), declared.function)
+    return run(cfg, paths, objective)
 
 
 def stage_seed(cfg: DictConfig, stage: str) -> int:
     """Shared stages are seeded by their own settings, so that every method and seed of a run_dir
     reuses the same samples and CE models whichever job made them; align and eval by `seed`."""
-    if stage in ("sample", "select"):
-        return cfg.sample.seed
-    if stage in ("sft_pos", "sft_neg", "score"):
-        return cfg.ce.seed
-    return cfg.seed
+    return OmegaConf.select(cfg, BY_NAME[stage].seed)
 
 
 def _quiet_lightning() -> None:
@@ -73,15 +65,16 @@ def run_pipeline(cfg: DictConfig) -> dict:
     validate(cfg)  # every setting, before any work (train.py has checked them already: cheap)
     _quiet_lightning()
     paths = RunPaths(cfg)
-    stages = _stages_for(cfg)
+    objective = objective_of(cfg.method)  # built once: every stage asks this object
+    stages = _stages_for(cfg, objective)
     distributed.check_stages(cfg.trainer, stages)
     if not distributed.is_main_process():  # the processes of one fit run under rank 0's lock
-        return _run_stages(cfg, paths, stages)
+        return _run_stages(cfg, paths, stages, objective)
     with run_lock(paths.lock, cfg.get("lock_timeout_s")):
-        return _run_stages(cfg, paths, stages)
+        return _run_stages(cfg, paths, stages, objective)
 
 
-def _run_stages(cfg: DictConfig, paths: RunPaths, stages: list[str]) -> dict:
+def _run_stages(cfg: DictConfig, paths: RunPaths, stages: list[str], objective: Objective) -> dict:
     reuse_from = cfg.get("reuse_from")
     source = None
     if reuse_from:
@@ -89,8 +82,8 @@ def _run_stages(cfg: DictConfig, paths: RunPaths, stages: list[str]) -> dict:
     timings, summaries, identities = {}, {}, {}
     for stage in stages:
         signals.check()  # a signal whose exception was swallowed stops at the next stage at the latest
-        artifacts.check_inputs(cfg, paths, stage, known=identities)
-        identity = identities[stage] = artifacts.stage_identity(cfg, paths, stage)
+        artifacts.check_inputs(cfg, paths, stage, objective, known=identities)
+        identity = identities[stage] = artifacts.stage_identity(cfg, paths, stage, objective)
         if stage != "eval" and artifacts.finished(paths, stage, identity, cfg):
             log.info(f"[{stage}] done already ({paths.marker(stage)}): skipped")
             summaries[stage] = artifacts.read_marker(paths, stage)
@@ -102,7 +95,7 @@ def _run_stages(cfg: DictConfig, paths: RunPaths, stages: list[str]) -> dict:
         log.info(f"[{stage}] running")
         L.seed_everything(stage_seed(cfg, stage), verbose=False)
         t0 = time.perf_counter()
-        summary = RUNNERS[stage](cfg, paths)
+        summary = run_stage(cfg, paths, stage, objective)
         timings[stage] = round(time.perf_counter() - t0, 1)
         summary = {**summary, "seconds": timings[stage]}
         summaries[stage] = summary

@@ -34,7 +34,7 @@ def generate_graded(cfg: DictConfig, model, tok, problems, *, n: int, temperatur
     return records
 
 
-def run(cfg: DictConfig, paths: RunPaths) -> dict:
+def run(cfg: DictConfig, paths: RunPaths, objective=None) -> dict:  # a run-level stage: any objective
     problems = context.problems(cfg, cfg.data.train_split, cfg.data.train_limit)
     tok = context.tokenizer(cfg)
     stats = GenerationStats()

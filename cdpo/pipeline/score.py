@@ -58,7 +58,7 @@ def score_pairs(cfg: DictConfig, scorer: ContrastiveScorer, pairs: list[dict], t
                 bar: Progress | None = None) -> list[dict]:
     """`bar`: the score stage's one bar over every shard (pairs, scored response tokens/s); else its own."""
     share = cfg.ce.get("share_prefix", True) and fits_untruncated(cfg, pairs)
-    prefix = shared_prefix_ids([p["prompt_ids"] for p in pairs]) if share else []
+    prefix = shared_prefix(cfg, pairs) if share else []
     scorer.set_prefix(prefix)
     own = bar is None
     bar = (Progress(f"score {len(pairs)} pairs", len(pairs), "pair") if own else bar).start()
@@ -100,7 +100,7 @@ def score_pairs(cfg: DictConfig, scorer: ContrastiveScorer, pairs: list[dict], t
     return out
 
 
-def run(cfg: DictConfig, paths: RunPaths) -> dict:
+def run(cfg: DictConfig, paths: RunPaths, objective=None) -> dict:  # a run-level stage: any objective
     pairs = load(paths.pairs)
     tok = context.tokenizer(cfg)
     scorer = scorer_for(cfg, paths.pos_adapter, paths.neg_adapter)

@@ -121,7 +121,7 @@ def with_training_prompts(cfg: DictConfig, records: list[dict]) -> list[dict]:
     return out
 
 
-def run(cfg: DictConfig, paths: RunPaths) -> dict:
+def run(cfg: DictConfig, paths: RunPaths, objective=None) -> dict:  # a run-level stage: any objective
     if paths.preference:
         return import_preferences(cfg, paths)
     records = with_training_prompts(cfg, load(paths.trajectories))

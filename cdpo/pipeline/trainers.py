@@ -23,26 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from cdpo import distributed
 from cdpo.errors import ConfigError
 from cdpo.io import write_jsonl
-
-OWN_TRAINER_KEYS = ("strategy", "checkpoint_every_n_steps")  # ours: not passed to Trainer as they are
-STAGE_TRAINER_KEYS = {"max_epochs": "ce.epochs / align.epochs", "max_steps": "the stage",
-                      "accumulate_grad_batches": "align.grad_accum", "logger": "logger=", "callbacks": "callbacks=",
-                      "default_root_dir": "run_dir", "enable_checkpointing": "trainer.checkpoint_every_n_steps"}
-TRAINER_DEFAULTS = {"enable_model_summary": False, "num_sanity_val_steps": 0}
-
-
-def trainer_arguments(trainer_cfg: DictConfig | dict) -> dict:
-    """The Trainer arguments of the `trainer` section; a key that is none names what to use instead."""
-    args = {k: v for k, v in _spec(trainer_cfg).items() if k not in OWN_TRAINER_KEYS}
-    accepted = inspect.signature(L.Trainer.__init__).parameters
-    for key in args:
-        if key in STAGE_TRAINER_KEYS:
-            raise ConfigError(f"trainer.{key}: set by each stage from {STAGE_TRAINER_KEYS[key]}")
-        if key not in accepted:
-            raise ConfigError(f"trainer.{key}: not an argument of lightning's Trainer "
-                              f"(its arguments: {', '.join(k for k in accepted if k != 'self')})")
-    return {**TRAINER_DEFAULTS, **args}
-
+from cdpo.validation import trainer_arguments  # the Trainer arguments of `trainer`: checked there too
 
 def _spec(node) -> dict:
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from cdpo.report.collect import Result, collect_local, collect_wandb, merge, wandb_online
 from cdpo.report.plots import SMOOTHING, mean_curves, plot_logps
-from cdpo.report.table import DATA_NAMES, MODEL_NAMES, Table, row_label
+from cdpo.report.table import DATA_NAMES, MODEL_NAMES, Table
 
 __all__ = ["Result", "Table", "build_report", "collect_local", "collect_wandb", "merge"]
 
@@ -33,7 +33,7 @@ def build_report(runs: list[str], out: str | Path, *, rows: str = "method.name",
     out.parent.mkdir(parents=True, exist_ok=True)
     figures = []
     for model, data in table.columns:
-        curves = {row_label(row, rows): mean_curves(table.by_cell.get(((model, data), row), [])) for row in table.rows}
+        curves = {table.label(row): mean_curves(table.by_cell.get(((model, data), row), [])) for row in table.rows}
         title = f"{MODEL_NAMES.get(model, model)} on {DATA_NAMES.get(data, data)}: chosen (solid), rejected (dashed)"
         fig = plot_logps(curves, title, out.parent / f"{out.name}-{model}-{data}-logps.png", smoothing)
         if fig:
@@ -41,7 +41,7 @@ def build_report(runs: list[str], out: str | Path, *, rows: str = "method.name",
     sources = sorted({"wandb" if r.source.startswith("wandb:") else "run directories" for r in results})
     md = "\n".join([
         table.markdown(), f"{len(results)} runs, read from {' and '.join(sources)}.", "",
-        f"Each row against {row_label(reference, rows, short=True)} on the questions both answered: Δ in "
+        f"Each row against {table.label(reference, short=True)} on the questions both answered: Δ in "
         f"accuracy points with a 95 % paired-bootstrap interval ({resamples} resamples of the questions; with "
         f"several seeds a question scores the fraction of seeds that solved it), and McNemar's exact test per "
         f"seed (matched by seed number), of which the largest p is shown:", "", table.significance_markdown(),

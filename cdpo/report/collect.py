@@ -34,6 +34,8 @@ class Result:
     correct: dict[str, int] | None = None      # question id -> 1 if its (first) answer is right
     history: list[dict] = field(default_factory=list)  # logged training metrics, one dict per step
     source: str = ""
+    label: str | None = None                   # the report's label of its method (from its objective)
+    trains: bool = True                        # False: the base model as it is (the baseline objective)
 
     @property
     def key(self) -> tuple[str, str, str, int]:
@@ -78,9 +80,31 @@ def collect_local(roots: Iterable[str | os.PathLike], rows: str = "method.name")
             model, data, row, seed = _identity(summary.get("config") or {}, rows, str(path))
             result = Result(model, data, row, seed, summary["accuracy"], summary["questions"],
                             _correct(path.with_suffix(".jsonl")), _history(path.parent / "metrics.jsonl"),
-                            str(path.parent))
+                            str(path.parent), *_objective_facts(summary.get("config") or {}, rows))
             _add(results, result)
     return [*results.values(), *_shared_rows(roots, list(results.values()), rows)]
+
+
+def _objective_facts(config: dict, rows: str) -> tuple[str | None, bool]:
+    """(row label, trains) of the objective a result's method section builds: asked of the object (a user's own
+    class too); (None, True) when rows are not methods or its class cannot be imported here."""
+    method = config.get("method")
+    if not isinstance(method, dict):  # wandb may store the config flat
+        method = {k.removeprefix("method."): v for k, v in config.items() if k.startswith("method.")}
+    if rows != "method.name" or not method:
+        return None, True
+    from omegaconf import OmegaConf
+
+    from cdpo.objectives import METHODS, build, from_config
+
+    try:
+        objective = from_config(OmegaConf.create(method))
+    except Exception as e:  # noqa: BLE001 (a class of another environment: the row keeps its name)
+        if method.get("name") not in METHODS:
+            log.info(f"report: method {method.get('_target_')!r} not built here ({str(e)[:80]}): labelled by name")
+            return None, True
+        objective = build(method["name"])  # a config without its class (a hand-written or older one)
+    return objective.row_label, objective.trains
 
 
 def _correct(predictions: Path) -> dict[str, int] | None:
@@ -105,7 +129,7 @@ def _shared_rows(roots: list[Path], methods: list[Result], rows: str) -> list[Re
             found[(model, data, row)].setdefault(signature, Result(
                 model, data, row, seed, summary["accuracy"], summary["questions"], _correct(path.with_suffix(".jsonl")),
                 source=str(path)))
-    baseline = {(r.model, r.data) for r in methods if r.row == "baseline" and rows == "method.name"}
+    baseline = {(r.model, r.data) for r in methods if not r.trains}
     out = []
     for (model, data, row), by_signature in found.items():
         if row == "base" and (model, data) in baseline:
@@ -149,7 +173,8 @@ def collect_wandb(api, path: str, rows: str = "method.name") -> list[Result]:
             per_question = s.get("eval/per_question")
             evals[key] = Result(*key, accuracy=float(s["eval/accuracy"]), questions=int(s["eval/questions"]),
                                 correct={str(k): int(v) for k, v in dict(per_question).items()} if per_question else None,
-                                source=f"wandb:{path}/{run.id}")
+                                source=f"wandb:{path}/{run.id}", **dict(zip(("label", "trains"),
+                                                                            _objective_facts(config, rows))))
         elif job.startswith("align_") and key not in curves:
             curves[key] = [{"step": r.get("trainer/global_step", r.get("_step")), **{k: r[k] for k in CURVES if k in r}}
                            for r in run.scan_history(keys=["trainer/global_step", *CURVES])]

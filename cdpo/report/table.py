@@ -9,14 +9,13 @@ import logging
 from collections import defaultdict
 from statistics import mean
 
-from cdpo.objectives import row_labels
+from cdpo.objectives import METHODS, row_labels
 from cdpo.report.collect import SHARED_ROWS, Result
 from cdpo.report.stats import mcnemar_exact, mean_std, paired_bootstrap
 
 MODEL_NAMES = {"llama3_8b": "Llama-3 8B", "llama3_70b": "Llama-3 70B", "deepseek_math_7b": "DeepSeek-math 7B",
                "smollm2_135m": "SmolLM2 135M", "tiny": "tiny"}
 DATA_NAMES = {"gsm8k": "GSM8K", "math500": "MATH500", "arith": "arith"}
-METHOD_NAMES = row_labels()  # Table 1's rows in order, from the objectives themselves
 log = logging.getLogger(__name__)
 
 
@@ -29,25 +28,29 @@ def _row_order(rows: set[str], rows_key: str) -> list[str]:
     shared = [r for r in SHARED_ROWS if r in rows]  # base and SFT first, as in Table 1
     rows = rows - set(shared)
     if rows_key == "method.name":
-        return shared + _order(rows, list(METHOD_NAMES))
+        return shared + _order(rows, list(METHODS))  # Table 1's order, then the user's own methods
     try:  # ablation values: numbers in numeric order
         return shared + sorted(rows, key=float)
     except ValueError:
         return shared + sorted(rows)
 
 
-def row_label(row: str, rows_key: str, short: bool = False) -> str:
-    """"+ cDPO" in the table, "cDPO" in prose (short); "ce.b=0.5" for an ablation."""
+def row_label(row: str, rows_key: str, short: bool = False, labels: dict[str, str] | None = None) -> str:
+    """"+ cDPO" in the table, "cDPO" in prose (short); "ce.b=0.5" for an ablation. `labels`: row -> the label
+    its results' objective gives (`Result.label`: also a user's own class); else the registry's, else the name."""
     if row in SHARED_ROWS:
         return SHARED_ROWS[row]
     if rows_key != "method.name":
         return f"{rows_key}={row}"
-    label = METHOD_NAMES.get(row, row)
+    label = (labels or {}).get(row) or (row_labels().get(row) if row in METHODS else None) or row
     return label.removeprefix("+ ") if short else label
 
 
 class Table:
     """Cells, averages and significance tests of a list of results."""
+
+    def label(self, row: str, short: bool = False) -> str:
+        return row_label(row, self.rows_key, short, self.labels)
 
     def __init__(self, results: list[Result], *, rows_key: str = "method.name", reference: str = "cdpo",
                  test: str = "bootstrap", alpha: float = 0.005, resamples: int = 10_000, seed: int = 0):
@@ -66,6 +69,7 @@ class Table:
         self.groups = [(d, [(m, d) for m in models if any(c == (m, d) for c, _ in self.by_cell)]) for d in datas]
         self.columns = [c for _, cols in self.groups for c in cols]
         self.rows = _row_order({r.row for r in results}, rows_key)
+        self.labels = {r.row: r.label for r in results if r.label}  # from each row's objective
         if reference not in self.rows:
             log.warning(f"report: reference={reference!r} is not a row of this report (its rows: "
                         f"{', '.join(self.rows)}): nothing is tested against it")
@@ -157,10 +161,10 @@ class Table:
                 if v is not None and spec[0] != "avg" and row == self.reference and self.significant(spec):
                     text += "*"
                 cells.append(text)
-            lines.append("| " + " | ".join([row_label(row, self.rows_key), *cells]) + " |")
+            lines.append("| " + " | ".join([self.label(row), *cells]) + " |")
         test = "paired bootstrap over questions" if self.test == "bootstrap" else "McNemar's exact test"
         lines += ["", f"Accuracy (%), mean ± sample std over {usual} seed(s) (n=k: k seeds in that cell). "
-                  f"\\* {row_label(self.reference, self.rows_key, short=True)} is better than every other row of the column "
+                  f"\\* {self.label(self.reference, short=True)} is better than every other row of the column "
                   f"with p < {self.alpha:g} ({test})."]
         return "\n".join(lines) + "\n"
 
@@ -168,15 +172,15 @@ class Table:
         return "Method" if self.rows_key == "method.name" else self.rows_key
 
     def significance_markdown(self) -> str:
-        ref = row_label(self.reference, self.rows_key, short=True)
+        ref = self.label(self.reference, short=True)
         lines = [f"| column | {ref} vs | Δ (points) | 95 % CI | p, paired bootstrap | p, McNemar exact (worst seed) | "
                  f"only {ref} right / only other right (that seed) | questions |", "|---|---|---|---|---|---|---|---|"]
         for (col, row), t in self.tests.items():
             title = f"{DATA_NAMES.get(col[1], col[1])} {MODEL_NAMES.get(col[0], col[0])}"
             if t is None:
-                lines.append(f"| {title} | {row_label(row, self.rows_key)} | no per-question predictions | | | | | |")
+                lines.append(f"| {title} | {self.label(row)} | no per-question predictions | | | | | |")
                 continue
-            lines.append(f"| {title} | {row_label(row, self.rows_key)} | {t['delta']:+.1f} | "
+            lines.append(f"| {title} | {self.label(row)} | {t['delta']:+.1f} | "
                          f"[{t['ci_low']:+.1f}, {t['ci_high']:+.1f}] | {t['p_bootstrap']:.4g} | {t['p_mcnemar']:.4g} | "
                          f"{t['ref_only']} / {t['other_only']} | {t['questions']} |")
         return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""Fused output-head kernels for cDPO: token log-probs, token-weighted preference losses,
+"""Fused output-head kernels for cDPO: token log-probs (of a preference pair batch in one call),
 contrastive scoring and TDPO's sequential KL, all without materialising [N, V] logits.
 
 Every function takes hidden states [B, T, H], the head weight [V, H] (optional bias [V]) and a
@@ -10,7 +10,7 @@ from .backend import BACKENDS, get_backend, resolve, set_backend, use_backend
 from .contrastive import contrastive_token_probs
 from .kl import SequentialKLFunction, sequential_kl, sequential_kl_and_logprobs
 from .logprob import LinearLogprobFunction, linear_logprobs, token_logprobs, weighted_logprob_sums
-from .preference import policy_logprobs_pair, preference_loss, stacked_preference_loss
+from .preference import policy_logprobs_pair
 
 __all__ = [
     "BACKENDS",
@@ -20,12 +20,10 @@ __all__ = [
     "get_backend",
     "linear_logprobs",
     "policy_logprobs_pair",
-    "preference_loss",
     "resolve",
     "sequential_kl",
     "sequential_kl_and_logprobs",
     "set_backend",
-    "stacked_preference_loss",
     "token_logprobs",
     "use_backend",
     "weighted_logprob_sums",

@@ -56,7 +56,7 @@ def _kl_rows(h_ref, h_pol, weight, labels, mask, bias, backend):
 
 
 def sequential_kl(h_ref, h_pol, weight, mask, *, bias=None, backend=None) -> torch.Tensor:
-    """[B] sum over the mask of per-token KL(p_ref || pi) (same value as ``cdpo.losses.sequential_kl``
+    """[B] sum over the mask of per-token KL(p_ref || pi) (same value as ``cdpo.head.sequential_kl_from_logits``
     of the full logits)."""
     kl, _, sel = _kl_rows(h_ref, h_pol, weight, None, mask, bias, backend)
     return scatter_rows(kl, sel, tuple(mask.shape)).sum(-1)

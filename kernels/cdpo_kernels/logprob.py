@@ -43,7 +43,7 @@ def linear_logprobs(x, weight, targets, *, bias=None, backend=None) -> torch.Ten
 def token_logprobs(hidden, weight, labels, mask, *, bias=None, backend=None) -> torch.Tensor:
     """[B, T] fp32 log softmax(hidden W^T + bias)[labels] on the mask, 0 elsewhere.
 
-    Same contract as ``cdpo.losses.token_logprobs_from_hidden``: ``hidden[:, t]`` scores
+    Same contract as ``cdpo.head.token_logprobs_from_hidden``: ``hidden[:, t]`` scores
     ``labels[:, t]``; labels at masked positions are never read (e.g. -100 is fine).
     """
     x, sel = select_rows(hidden, mask)
