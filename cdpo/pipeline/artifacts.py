@@ -29,7 +29,7 @@ from cdpo.errors import CorruptArtifactError, SettingsConflictError, StaleInputE
 from cdpo.io import DataError, _atomic_write_text, iter_jsonl, read_jsonl, write_json, write_jsonl
 from cdpo.objectives import Objective, TrainsOn, from_config as objective_of
 from cdpo.pipeline import identity as ident
-from cdpo.stages import BY_NAME, STAGES
+from cdpo.stages import ALIGN_INPUT, BY_NAME, STAGES
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +77,10 @@ class RunPaths:
         return self.run / ".lock"
 
     def artifacts(self, stage: str) -> list[Path]:
-        """What a stage writes (what its marker describes and `reuse_stage` carries over)."""
-        select = [self.positives, self.negatives, self.pairs] + ([self.bad_rows] if self.preference else [])
-        return {"sample": [self.trajectories], "select": select,
-                "sft_pos": [self.pos_adapter], "sft_neg": [self.neg_adapter], "score": [self.scored_pairs],
-                "align": [self.aligned_adapter], "eval": []}[stage]
+        """What a stage writes (what its marker describes and `reuse_stage` carries over): the table's outputs,
+        and with preference data select's list of the rows it left out."""
+        paths = [getattr(self, name) for name in BY_NAME[stage].outputs]
+        return paths + [self.bad_rows] if stage == "select" and self.preference else paths
 
     def optional(self, path: Path) -> bool:
         """An artifact written only when there is something in it (an empty JSONL file is no dataset)."""
@@ -164,14 +163,16 @@ def input_files(cfg: DictConfig, paths: RunPaths, stage: str, objective: Objecti
     outside a run, a test or a script, gives none)."""
     if BY_NAME[stage].level == "method" and objective is None:
         objective = objective_of(cfg.method)
-    if stage == "align":
-        return [x for x in [align_input(paths, objective)] if x]
-    if stage == "eval":
-        return [("align", paths.aligned_adapter)] if objective.trains else []
-    select = [] if paths.preference else [("sample", paths.trajectories)]  # the user's rows: stage_identity
-    return {"sample": [], "select": select, "sft_pos": [("select", paths.positives)],
-            "sft_neg": [("select", paths.negatives)],
-            "score": [("select", paths.pairs), ("sft_pos", paths.pos_adapter), ("sft_neg", paths.neg_adapter)]}[stage]
+    inputs = []
+    for spec in BY_NAME[stage].inputs:
+        if spec == ALIGN_INPUT:
+            inputs += [x for x in [align_input(paths, objective)] if x]
+            continue
+        up, name = spec.split(".")
+        if (up == "sample" and paths.preference) or (up == "align" and not objective.trains):
+            continue  # the user's rows replace the samples (stage_identity hashes them); nothing was aligned
+        inputs.append((up, getattr(paths, name)))
+    return inputs
 
 
 def read_marker(paths: RunPaths, stage: str) -> dict | None:
