@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -74,14 +75,65 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return path
 
 
+def staging_dir(path: Path) -> Path:
+    """A new empty directory beside `path` to write into and then put in place with `replace_dir`. What an
+    interrupted earlier put-in-place of `path` left behind is cleared (or restored) first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
+    # the pid lets a later run tell a dead writer's leftovers from a live one's work in progress
+    return Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-{os.getpid()}-", dir=path.parent))
+
+
+def _aside(path: Path) -> Path:
+    return path.with_name(f".old-{path.name}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        pass
+    return True
+
+
+def recover_dir(path: Path) -> None:
+    """Finish or undo a `replace_dir` of `path` that a kill interrupted: the old directory moved aside while no
+    new one took its place is put back, a leftover old one beside the new one is deleted, and the staging
+    directories of dead writers (full model size) are removed."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return
+    asides = [_aside(path)]
+    # the names used before: the aside was the staging directory's name + "-old"
+    stale = re.compile(rf"\.tmp-{re.escape(path.name)}-(?:(\d+)-)?[a-z0-9_]{{8}}(-old)?")
+    for entry in path.parent.iterdir():
+        m = stale.fullmatch(entry.name)
+        if m and m[2]:
+            asides.append(entry)
+        elif m and not (m[1] and int(m[1]) != os.getpid() and _alive(int(m[1]))):
+            shutil.rmtree(entry, ignore_errors=True)
+    for aside in asides:
+        if aside.is_dir():
+            if path.exists():
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                os.rename(aside, path)
+
+
 def replace_dir(new: Path, path: Path) -> None:
     """Put the finished directory `new` in place of `path` (on the same filesystem). An old `path` is moved
-    aside first and deleted only once `new` is in place, so a crash leaves one of the two whole."""
+    aside first and deleted only once `new` is in place; a stop signal waits until both renames are done,
+    and a kill between them leaves the old one aside, which `recover_dir` (the next `staging_dir`) puts back."""
+    from cdpo import signals
+
     new.chmod(0o755)  # mkdtemp makes directories private
-    old = None
-    if path.exists():
-        old = new.with_name(f"{new.name}-old")
-        path.rename(old)
-    new.rename(path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    aside = _aside(path)
+    with signals.held():
+        if path.exists():
+            if aside.exists():  # an earlier put-in-place's, killed before it deleted it
+                shutil.rmtree(aside)
+            os.rename(path, aside)
+        os.rename(new, path)  # (with no `path` but an aside: the aside is the last good one, deleted below)
+    shutil.rmtree(aside, ignore_errors=True)

@@ -10,13 +10,12 @@ import contextlib
 import copy
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from cdpo.errors import UserError
-from cdpo.io import replace_dir
+from cdpo.io import replace_dir, staging_dir
 
 # The paper's LoRA settings (Sec. 3 / Appendix): CE models and the cDPO policy.
 PAPER_CE_LORA = dict(r=8, alpha=16, dropout=0.1, target_modules=["gate_proj", "up_proj", "down_proj"])
@@ -104,8 +103,7 @@ def save_adapter(model: PeftModel, name: str, path: str | Path, state_dict: dict
     if name not in adapter_names(model):
         raise KeyError(f"no adapter named {name!r}; have: {adapter_names(model)}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    tmp = staging_dir(path)
     try:
         if state_dict is None:
             # save_embedding_layers=False: "auto" would look the base up on the hub (a network call) to spot

@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cdpo import distributed, signals
 from cdpo.data.preferences import is_preference_data
+from cdpo.io import recover_dir
 from cdpo.objectives import from_config as objective_of
 from cdpo.pipeline import artifacts, evaluate, sample, score, select, training
 from cdpo.pipeline.artifacts import RunPaths
@@ -78,6 +79,8 @@ def run_pipeline(cfg: DictConfig) -> dict:
     if not distributed.is_main_process():  # the processes of one fit run under rank 0's lock
         return _run_stages(cfg, paths, stages)
     with run_lock(paths.lock, cfg.get("lock_timeout_s")):
+        for adapter in (paths.pos_adapter, paths.neg_adapter, paths.aligned_adapter):
+            recover_dir(adapter)  # a save a kill interrupted: the old adapter back, no staging leftovers
         return _run_stages(cfg, paths, stages)
 
 
