@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from cdpo.errors import UserError
-from cdpo.io import recover_dir, replace_dir, staging_dir
+from cdpo.io import recover_dir, replace_dir, staging_dir, writing
 
 log = logging.getLogger(__name__)
 
@@ -59,18 +59,19 @@ def export(adapter, out, *, merge: bool = False, model: str | None = None, base_
     notes = _notes(source, run, merge)
     if merge:
         _check_mergeable(source)  # before the weights are loaded
-    tmp = staging_dir(out)
-    try:
-        if merge:
-            _write_merged(adapter, source, tmp, dtype)
-        else:
-            _write_adapter(adapter, config, base, tmp)
-        card = model_card.render(name=push_to or out.name, base=base, merged=merge, run=run, notes=notes)
-        (tmp / "README.md").write_text(card, encoding="utf-8")
-        _write_marker(tmp)
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with writing(out):
+        tmp = staging_dir(out)
+        try:
+            if merge:
+                _write_merged(adapter, source, tmp, dtype)
+            else:
+                _write_adapter(adapter, config, base, tmp)
+            card = model_card.render(name=push_to or out.name, base=base, merged=merge, run=run, notes=notes)
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+            _write_marker(tmp)
+            replace_dir(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     if push_to:
         push(api, out, push_to, token=token, private=private)
     return out
@@ -87,6 +88,9 @@ def _adapter_config(adapter: Path) -> dict:
         config = json.loads((adapter / ADAPTER_CONFIG).read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise ExportError(f"{adapter / ADAPTER_CONFIG}: not JSON ({e})") from None
+    from cdpo.models.adapters import safetensors_shapes
+
+    safetensors_shapes(adapter / ADAPTER_WEIGHTS)  # a damaged file is refused, not copied or merged
     if config.get("peft_type") != "LORA":
         raise ExportError(f"{adapter / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r}: "
                           "only LORA adapters are exported")

@@ -5,6 +5,8 @@ file behind and a bad line is reported with its file and line number.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -20,22 +22,73 @@ class DataError(UserError, ValueError):
     """Bad input data; the message names the file and line."""
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line_number, record) for every non-blank line; 1-based line numbers."""
+class WriteError(UserError, OSError):
+    """A file or directory that cannot be written (full or read-only disk, missing permission)."""
+
+
+# errno -> what the user can do; safetensors and others report these as text ("... (os error 28)")
+DISK_PROBLEMS = {errno.ENOSPC: "no space left on the disk: free some, or choose a directory on another disk",
+                 errno.EDQUOT: "disk quota exceeded: free some space, or choose a directory on another disk",
+                 errno.EROFS: "the file system is read-only: choose a writable directory",
+                 errno.EACCES: "permission denied: fix the permissions, or choose a directory you can write",
+                 errno.EPERM: "operation not permitted: fix the permissions, or choose a directory you can write"}
+
+
+def disk_problem(e: BaseException) -> str | None:
+    """What to do about `e` when a full or read-only disk or a missing permission caused it, else None."""
+    code = getattr(e, "errno", None) if isinstance(e, OSError) else None
+    if code is None:
+        found = re.search(r"os error (\d+)\)", str(e))
+        code = int(found[1]) if found else None
+    return DISK_PROBLEMS.get(code)
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike):
+    """Around the writing of `path`: a full or read-only disk or a missing permission becomes one WriteError
+    naming it (what was there before is untouched: every writer here writes beside it and renames)."""
+    try:
+        yield
+    except Exception as e:
+        why = disk_problem(e)
+        if why is None or isinstance(e, UserError):
+            raise
+        raise WriteError(f"{path}: cannot write it: {why}") from None
+
+
+def jsonl_lines(path: str | os.PathLike) -> Iterator[tuple[int, str | DataError]]:
+    """(line number, text) for every line of a JSON Lines file, split as the format defines them: at "\n" only
+    (str.splitlines() would also split at U+2028, U+0085 and others, which JSON strings may hold raw), so the
+    numbers are the ones an editor shows. A line that is not UTF-8 comes as a DataError naming its place; a
+    byte-order mark at the start (some Windows tools write one) is not data."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):  # binary files split at b"\n" only
+            if lineno == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
-            yield lineno, record
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at byte "
+                                        f"{e.start + 1} of the line): save the file as UTF-8")
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line_number, record) for every non-blank line; 1-based line numbers."""
+    for lineno, line in jsonl_lines(path):
+        if isinstance(line, DataError):
+            raise line
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+        yield lineno, record
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -43,18 +96,19 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def _atomic_write_text(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> Path:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cdpo import distributed
 from cdpo.errors import ConfigError
-from cdpo.io import write_jsonl
+from cdpo.io import jsonl_lines, write_jsonl
 
 OWN_TRAINER_KEYS = ("strategy", "checkpoint_every_n_steps")  # ours: not passed to Trainer as they are
 STAGE_TRAINER_KEYS = {"max_epochs": "ce.epochs / align.epochs", "max_steps": "the stage",
@@ -159,10 +159,10 @@ class JsonlHistory(L.pytorch.loggers.Logger):
     def _rows(self) -> list[dict]:
         rows = []
         if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            for _, line in jsonl_lines(self.path):  # split at "\n" only: a logged text may hold U+2028
                 try:
                     rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut by a kill: the checkpoint predates it
+                except (json.JSONDecodeError, TypeError):  # a line cut by a kill: the checkpoint predates it
                     break
         return rows
 
