@@ -138,6 +138,12 @@ def staging_dir(path: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-{os.getpid()}-", dir=path.parent))
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _aside(path: Path) -> Path:
     return path.with_name(f".old-{path.name}")
 
@@ -182,7 +188,11 @@ def replace_dir(new: Path, path: Path) -> None:
     and a kill between them leaves the old one aside, which `recover_dir` (the next `staging_dir`) puts back."""
     from cdpo import signals
 
-    new.chmod(0o755)  # mkdtemp makes directories private
+    new.chmod(0o755)  # mkdtemp makes directories private, and some writers their files (transformers' weights)
+    mode = 0o666 & ~_umask()
+    for f in new.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            f.chmod(mode)
     aside = _aside(path)
     with signals.held():
         if path.exists():

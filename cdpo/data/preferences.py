@@ -31,6 +31,14 @@ def is_preference_data(data) -> bool:
     return bool(data) and data.get("kind") == "preference"
 
 
+def eval_dataset(data) -> str:
+    """The name of the data set an evaluation of `data` (config or dict) asks: preference rows have no answers,
+    so theirs is data.eval_source's; other data sets are evaluated on their own test split."""
+    if is_preference_data(data):
+        return f"{data.get('name')}, evaluated on {data.get('eval_source')}"
+    return str(data.get("name"))
+
+
 class BadRow(ValueError):
     """Why one row cannot be used; `kind` groups the reasons in the summary."""
 

@@ -12,7 +12,19 @@ import json
 import shutil
 from pathlib import Path
 
+import warnings
+
 from peft import LoraConfig, PeftModel, get_peft_model
+
+
+
+@contextlib.contextmanager
+def _peft_wrapping():
+    """PEFT asks every model it wraps for `is_gradient_checkpointing`, which transformers 5 deprecated in favour
+    of `is_activation_checkpointing`: that FutureWarning is PEFT's to fix and tells a cdpo user nothing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 from cdpo.errors import CorruptArtifactError, UserError
 from cdpo.io import replace_dir, staging_dir, writing
@@ -54,7 +66,8 @@ def add_lora(model, name: str, *, r: int, alpha: int, dropout: float = 0.0, targ
             raise ValueError(f"adapter {name!r} already exists (have: {adapter_names(model)})")
         model.add_adapter(name, config)
     else:
-        model = get_peft_model(model, config, adapter_name=name)
+        with _peft_wrapping():
+            model = get_peft_model(model, config, adapter_name=name)
     use_adapter(model, name)
     return model
 
@@ -149,7 +162,8 @@ def load_adapter(model, path: str | Path, name: str, *, trainable: bool = False)
             raise ValueError(f"adapter {name!r} already exists (have: {adapter_names(model)})")
         model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
     else:
-        model = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=trainable)
+        with _peft_wrapping():
+            model = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=trainable)
     use_adapter(model, name)
     if not trainable:
         # set_adapter marks the active adapter trainable; a loaded-for-inference one stays frozen

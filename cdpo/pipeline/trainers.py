@@ -100,7 +100,12 @@ def _wandb_logger(cfg: DictConfig, spec: dict, name: str):
                  config=OmegaConf.to_container(cfg, resolve=True), group=save_dir.name, job_type=name, id=run_id,
                  mode=mode)  # explicit: after an earlier run in this process (an eval's log_results, a
     # multirun's previous job) `offline` alone no longer kept wandb offline
-    return instantiate({**spec, **{k: v for k, v in stage.items() if spec.get(k) is None}}, _convert_="all")
+    logger = instantiate({**spec, **{k: v for k, v in stage.items() if spec.get(k) is None}}, _convert_="all")
+    # Lightning passes wandb.init anonymous=None when not asked, and wandb warns at any value that "the anonymous
+    # setting has no effect": not passed unless set
+    if getattr(logger, "_wandb_init", {}).get("anonymous", True) is None:
+        del logger._wandb_init["anonymous"]
+    return logger
 
 
 def _new_wandb_id() -> str:
