@@ -95,3 +95,29 @@ def test_an_adapter_is_evaluated_as_its_run_asked_and_graded(tmp_path):
     c = cfg(name="math500")
     line = eval_py.adopt_run_settings(c, adapter)
     assert c.data.prompt_style == "gsm8k" and "trained on data=gsm8k" in line and "data.grading=strict" in line
+
+
+def test_a_preference_run_on_a_cpu_prints_a_forecast_before_training(tmp_path, caplog):
+    """data=preference on a CPU: before the first training stage, one line forecasts how long the stages left take
+    at this size; the parameter count it rests on matches the model's own (an independent count)."""
+    import logging
+
+    from test_preferences import _pref_cfg, _write_user_file
+
+    from cdpo.models import tiny_llama_like_embedded
+    from cdpo.pipeline import estimate, run_pipeline
+
+    caplog.set_level(logging.INFO, logger="cdpo")
+    path = tmp_path / "prefs.jsonl"
+    _write_user_file(path)
+    run_pipeline(_pref_cfg(tmp_path, path, "stage=select"))
+    cfg = _pref_cfg(tmp_path, path, "stage=sft_pos", "+trainer.limit_train_batches=1")
+    model = tiny_llama_like_embedded(seed=0)
+    counted = sum(p.numel() for name, p in model.named_parameters() if "norm" not in name)
+    assert estimate.parameters(cfg) == counted
+    caplog.clear()
+    run_pipeline(cfg)
+    messages = [r.getMessage() for r in caplog.records]
+    [line] = [m for m in messages if m.startswith("[estimate]")]
+    assert messages.index(line) < messages.index("[sft_pos] running")
+    assert "pairs on this CPU" in line and "for sft_pos (sft_pos " in line

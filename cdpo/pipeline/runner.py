@@ -11,7 +11,7 @@ from cdpo import distributed, signals
 from cdpo.data.preferences import is_preference_data
 from cdpo.io import recover_dir
 from cdpo.objectives import from_config as objective_of
-from cdpo.pipeline import artifacts, evaluate, sample, score, select, training
+from cdpo.pipeline import artifacts, estimate, evaluate, sample, score, select, training
 from cdpo.pipeline.artifacts import RunPaths
 from cdpo.pipeline.lock import run_lock
 from cdpo.validation import validate
@@ -90,6 +90,7 @@ def _run_stages(cfg: DictConfig, paths: RunPaths, stages: list[str]) -> dict:
     if reuse_from:
         source = RunPaths(OmegaConf.create({"run_dir": reuse_from, "method_dir": reuse_from, "data": cfg.data}))
     timings, summaries, identities = {}, {}, {}
+    forecast_done = False
     for stage in stages:
         signals.check()  # a signal whose exception was swallowed stops at the next stage at the latest
         artifacts.check_inputs(cfg, paths, stage, known=identities)
@@ -102,6 +103,9 @@ def _run_stages(cfg: DictConfig, paths: RunPaths, stages: list[str]) -> dict:
             log.info(f"[{stage}] reused from {source.run} (same settings and inputs)")
             summaries[stage] = artifacts.read_marker(paths, stage)
             continue
+        if stage in estimate.STAGES and not forecast_done and is_preference_data(cfg.data) and _on_cpu(cfg):
+            forecast_done = True  # once, before the first training stage: the pairs are known by then
+            log.info(estimate.forecast(cfg, paths, stages[stages.index(stage):]) or "[estimate] no pairs yet")
         log.info(f"[{stage}] running")
         L.seed_everything(stage_seed(cfg, stage), verbose=False)
         t0 = time.perf_counter()
@@ -119,6 +123,12 @@ def _run_stages(cfg: DictConfig, paths: RunPaths, stages: list[str]) -> dict:
     if timings:
         log.info("wall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     return {"stages": summaries, "seconds": timings}
+
+
+def _on_cpu(cfg: DictConfig) -> bool:
+    from cdpo.pipeline.context import device_for
+
+    return device_for(cfg) == "cpu"
 
 
 def _short(summary: dict) -> str:
