@@ -2,6 +2,8 @@
 
 - a user error (`cdpo.errors.UserError`, or a missing file) is one line on stderr and exit code 2;
   under a Hydra multirun it is re-raised instead, so Hydra records the failed job and runs the others;
+  so is a full or read-only disk or a missing permission met where no writer named its file
+  (`cdpo.io.disk_problem`);
 - a signal that stops the run (SIGTERM from `timeout` or SLURM preemption, SIGINT, SIGHUP) exits with
   128 + its number in every stage, never 0: what was finished is kept and a rerun resumes from it.
 Imports nothing heavy: the work function imports what it needs.

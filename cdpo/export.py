@@ -120,12 +120,14 @@ def _check_out(out: Path, adapter: Path, overwrite: bool) -> None:
 
 def _foreign_files(out: Path) -> list[str]:
     """The files in `out` that are not part of the export its marker describes (all of them without one)."""
+    import itertools
+
     try:
-        written = set(json.loads((out / MARKER).read_text(encoding="utf-8"))["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        written = set()
+        written = set(json.loads((out / MARKER).read_text(encoding="utf-8"))["files"]) | {MARKER}
+    except (OSError, ValueError, KeyError, TypeError):  # no export: a few names are enough to show
+        return sorted(p.relative_to(out).as_posix() for p in itertools.islice(out.iterdir(), 4))
     have = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if not p.is_dir())
-    return [f for f in have if f not in written | {MARKER}] if written else have
+    return [f for f in have if f not in written]
 
 
 def _write_marker(directory: Path) -> None:

@@ -383,7 +383,7 @@ def test_overwrite_never_deletes_what_export_did_not_write(tiny, tmp_path, where
     if where == "working directory":
         out = "."
     elif where == "foreign files":
-        cwd, out, expect = tmp_path, str(root), "holds files no cdpo export wrote (notes.txt, work/draft.txt)"
+        cwd, out, expect = tmp_path, str(root), "holds files no cdpo export wrote (notes.txt, work)"
     elif where == "home":
         cwd, out, env, expect = tmp_path, str(root), {"HOME": str(root)}, "is your home directory"
     elif where == "a file added to an export":
