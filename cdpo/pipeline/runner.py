@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
@@ -68,6 +69,8 @@ def _quiet_lightning() -> None:
     # Lightning's per-fit INFO lines (GPU available, tips) drown the stage summaries
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Lightning 2.6's batch-size probe builds torch's LeafSpec, which torch 2.10+ deprecates: Lightning's to fix
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
 def run_pipeline(cfg: DictConfig) -> dict:
