@@ -226,3 +226,20 @@ def test_disk_errors_without_a_named_file_are_still_one_line(tmp_path):
               "run_entry('train.py', work)\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, timeout=120)
     _one_line(proc, "train.py", "no space left on the disk")
+
+
+def test_a_missing_permission_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    """As root no chmod stops a write, so the refusal is injected where every artifact writer creates its file."""
+    import tempfile
+
+    from cdpo.io import WriteError
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"id": 1}])
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    with pytest.raises(WriteError, match=rf"{path}: cannot write it: permission denied: fix the permissions"):
+        write_jsonl(path, [{"id": 2}])
+    assert read_jsonl(path) == [{"id": 1}]

@@ -99,12 +99,12 @@ def test_an_adapter_is_evaluated_as_its_run_asked_and_graded(tmp_path):
 
 def test_a_preference_run_on_a_cpu_prints_a_forecast_before_training(tmp_path, caplog):
     """data=preference on a CPU: before the first training stage, one line forecasts how long the stages left take
-    at this size; the parameter count it rests on matches the model's own (an independent count)."""
+    at this size, from the model's own rate on one batch of the run's pairs."""
     import logging
 
     from test_preferences import _pref_cfg, _write_user_file
 
-    from cdpo.models import tiny_llama_like_embedded
+    from cdpo.io import read_jsonl
     from cdpo.pipeline import estimate, run_pipeline
 
     caplog.set_level(logging.INFO, logger="cdpo")
@@ -112,12 +112,14 @@ def test_a_preference_run_on_a_cpu_prints_a_forecast_before_training(tmp_path, c
     _write_user_file(path)
     run_pipeline(_pref_cfg(tmp_path, path, "stage=select"))
     cfg = _pref_cfg(tmp_path, path, "stage=sft_pos", "+trainer.limit_train_batches=1")
-    model = tiny_llama_like_embedded(seed=0)
-    counted = sum(p.numel() for name, p in model.named_parameters() if "norm" not in name)
-    assert estimate.parameters(cfg) == counted
+    pairs = read_jsonl(tmp_path / "run" / "pairs.jsonl")
+    tokens = estimate.stage_tokens(cfg, pairs)
+    assert tokens["sft_pos"][0] == cfg.ce.epochs * sum(len(p["prompt_ids"]) + len(p["chosen_ids"]) for p in pairs)
+    assert tokens["align"] == (cfg.align.epochs * sum(len(p["prompt_ids"]) * 2 + len(p["chosen_ids"]) +
+                                                      len(p["rejected_ids"]) for p in pairs),) * 2
     caplog.clear()
     run_pipeline(cfg)
     messages = [r.getMessage() for r in caplog.records]
     [line] = [m for m in messages if m.startswith("[estimate]")]
     assert messages.index(line) < messages.index("[sft_pos] running")
-    assert "pairs on this CPU" in line and "for sft_pos (sft_pos " in line
+    assert f"{len(pairs)} pairs; this machine ran the model at " in line and "sft_pos will take" in line
