@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cdpo.errors import CorruptArtifactError
-from cdpo.io import DataError, iter_jsonl, read_jsonl, write_jsonl
+from cdpo.io import DataError, read_jsonl, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1",
