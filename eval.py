@@ -37,6 +37,26 @@ def format_summary(summary: dict) -> str:
     return f"{line} -> {summary['output']}"
 
 
+def _command_line_keys() -> set[str]:
+    """The keys set on the command line (they win over a run's settings)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        overrides = HydraConfig.get().overrides.task
+    except ValueError:  # not under Hydra
+        return set()
+    return {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+
+
+def result_label(adapter) -> str:
+    """The name of an evaluated model in its results file: base, or the adapter's directory, or for a run's
+    <method_dir>/adapter the method directory (every run's adapter directory is called `adapter`)."""
+    if not adapter:
+        return "base"
+    path = Path(to_absolute_path(str(adapter)))
+    return path.parent.name if path.name == "adapter" and path.parent.name else path.name
+
+
 def grade_predictions(cfg: DictConfig) -> dict:
     from cdpo.grading import grade_file  # math-verify/sympy only: no torch, no transformers
     from cdpo.io import write_json
@@ -53,14 +73,46 @@ def grade_predictions(cfg: DictConfig) -> dict:
     return summary
 
 
+# How a question is put and its answer graded: an adapter is evaluated as its run trained and evaluated it
+PROMPT_KEYS = ("prompt_style", "n_shot", "exemplars", "prompt_format", "prompt_template", "stop", "grading")
+
+
+def adopt_run_settings(cfg: DictConfig, adapter, given: set[str] = frozenset()) -> str:
+    """With the adapter of a cdpo run on the same data set, take the run's PROMPT_KEYS (those not `given` on
+    the command line) into cfg.data; returns the line that says which prompt format and grading are used."""
+    from omegaconf import OmegaConf, open_dict
+
+    from cdpo.model_card import run_record
+
+    run = run_record(Path(to_absolute_path(str(adapter))))
+    data = cfg.data
+    if run is not None:
+        trained = OmegaConf.load(run["dir"] / f"{run['stage']}.config.yaml").data
+        if trained.get("name") == data.get("name"):
+            taken = {k: trained[k] for k in PROMPT_KEYS
+                     if k in trained and f"data.{k}" not in given and trained[k] != data.get(k)}
+            with open_dict(cfg):
+                for k, v in taken.items():
+                    cfg.data[k] = v
+    used = ", ".join(f"data.{k}={data[k]}" for k in PROMPT_KEYS if data.get(k) is not None)
+    if run is None:
+        return f"{adapter} is not from a cdpo run: questions asked and graded as data={data.name} sets them ({used})"
+    if trained.get("name") != data.get("name"):
+        return (f"the adapter's run trained on data={trained.get('name')}: questions asked and graded as "
+                f"data={data.name} sets them ({used})")
+    return f"questions asked and graded as the adapter's run ({run['dir']}) did: {used}"
+
+
 def evaluate_model(cfg: DictConfig) -> dict:
     from cdpo.validation import validate
 
+    if cfg.adapter:
+        print(adopt_run_settings(cfg, cfg.adapter, _command_line_keys()))
     validate(cfg, training=False)  # before torch and the model are loaded
     from cdpo.pipeline import context
     from cdpo.pipeline.evaluate import evaluate_model as run_eval
 
-    label = Path(str(cfg.adapter)).name if cfg.adapter else "base"
+    label = result_label(cfg.adapter)
     results = Path(to_absolute_path(str(cfg.results or f"outputs/eval/{cfg.model.name}-{cfg.data.name}-{label}.json")))
     with context.generation_models(cfg) as model_for:  # generation=vllm: served by vLLM
         model = model_for(to_absolute_path(str(cfg.adapter)) if cfg.adapter else None, "adapter")

@@ -2,6 +2,8 @@
 
 - a user error (`cdpo.errors.UserError`, or a missing file) is one line on stderr and exit code 2;
   under a Hydra multirun it is re-raised instead, so Hydra records the failed job and runs the others;
+  so is a full or read-only disk or a missing permission met where no writer named its file
+  (`cdpo.io.disk_problem`);
 - a signal that stops the run (SIGTERM from `timeout` or SLURM preemption, SIGINT, SIGHUP) exits with
   128 + its number in every stage, never 0: what was finished is kept and a rerun resumes from it.
 Imports nothing heavy: the work function imports what it needs.
@@ -81,10 +83,19 @@ def run_entry(name: str, work: Callable[[], object], *, also: tuple[type[BaseExc
         if _multirun():
             raise  # Hydra records the failed job, runs the others and raises at the end of the sweep
         sys.exit(2)
-    except BaseException:
+    except BaseException as e:
         if signals.received:  # e.g. Lightning's SIGTERMException, a SystemExit(None) = exit 0, after our
             _stopped(name, signals.received[0])  # Stopped was swallowed by a finaliser
-        raise
+        from cdpo.io import disk_problem
+
+        why = disk_problem(e) if isinstance(e, Exception) else None
+        if why is None:
+            raise
+        # a full or read-only disk, a missing permission, met where no writer named its file
+        print(f"{name}: error: {getattr(e, 'filename', None) or 'writing a file'}: {why}", file=sys.stderr)
+        if _multirun():
+            raise
+        sys.exit(2)
     finally:
         for s in signals.SIGNALS:  # until the process ends, or a multirun's next job installs its own
             signal.signal(s, _exit_now)

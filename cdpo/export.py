@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import tempfile
 from pathlib import Path
 
 from cdpo.errors import UserError
-from cdpo.io import replace_dir
+from cdpo.io import recover_dir, replace_dir, staging_dir, writing
 
 log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+# Left in every export (not uploaded): overwrite=true replaces only a folder that holds one, and only the files it lists
+MARKER = ".cdpo-export.json"
 
 
 class ExportError(UserError):
@@ -58,18 +59,19 @@ def export(adapter, out, *, merge: bool = False, model: str | None = None, base_
     notes = _notes(source, run, merge)
     if merge:
         _check_mergeable(source)  # before the weights are loaded
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
-        if merge:
-            _write_merged(adapter, source, tmp, dtype)
-        else:
-            _write_adapter(adapter, config, base, tmp)
-        card = model_card.render(name=push_to or out.name, base=base, merged=merge, run=run, notes=notes)
-        (tmp / "README.md").write_text(card, encoding="utf-8")
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with writing(out):
+        tmp = staging_dir(out)
+        try:
+            if merge:
+                _write_merged(adapter, source, tmp, dtype)
+            else:
+                _write_adapter(adapter, config, base, tmp)
+            card = model_card.render(name=push_to or out.name, base=base, merged=merge, run=run, notes=notes)
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+            _write_marker(tmp)
+            replace_dir(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     if push_to:
         push(api, out, push_to, token=token, private=private)
     return out
@@ -86,6 +88,9 @@ def _adapter_config(adapter: Path) -> dict:
         config = json.loads((adapter / ADAPTER_CONFIG).read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise ExportError(f"{adapter / ADAPTER_CONFIG}: not JSON ({e})") from None
+    from cdpo.models.adapters import safetensors_shapes
+
+    safetensors_shapes(adapter / ADAPTER_WEIGHTS)  # a damaged file is refused, not copied or merged
     if config.get("peft_type") != "LORA":
         raise ExportError(f"{adapter / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r}: "
                           "only LORA adapters are exported")
@@ -97,8 +102,37 @@ def _check_out(out: Path, adapter: Path, overwrite: bool) -> None:
         raise ExportError(f"out={out} is, is inside or holds the adapter directory: choose another directory")
     if out.exists() and not out.is_dir():
         raise ExportError(f"out={out} is a file: choose a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
+    recover_dir(out)  # an export a kill interrupted: the old one back before it is judged
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
         raise ExportError(f"out={out} exists and is not empty: choose another directory, or overwrite=true to replace it")
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents or out == Path.home().resolve():
+        where = "your home directory" if out == Path.home().resolve() else "the working directory or one of its parents"
+        raise ExportError(f"out={out} is {where}: overwrite=true replaces only an earlier export; choose a new directory")
+    foreign = _foreign_files(out)
+    if foreign:
+        raise ExportError(f"out={out} holds files no cdpo export wrote ({', '.join(foreign[:3])}"
+                          f"{', ...' if len(foreign) > 3 else ''}): overwrite=true replaces only an earlier export; "
+                          "choose a new directory, or move those files away")
+
+
+def _foreign_files(out: Path) -> list[str]:
+    """The files in `out` that are not part of the export its marker describes (all of them without one)."""
+    import itertools
+
+    try:
+        written = set(json.loads((out / MARKER).read_text(encoding="utf-8"))["files"]) | {MARKER}
+    except (OSError, ValueError, KeyError, TypeError):  # no export: a few names are enough to show
+        return sorted(p.relative_to(out).as_posix() for p in itertools.islice(out.iterdir(), 4))
+    have = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if not p.is_dir())
+    return [f for f in have if f not in written]
+
+
+def _write_marker(directory: Path) -> None:
+    files = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if not p.is_dir())
+    (directory / MARKER).write_text(json.dumps({"written_by": "cdpo export.py", "files": files}, indent=1) + "\n")
 
 
 def _check_dtype(dtype: str) -> None:
@@ -201,6 +235,6 @@ def push(api, folder: Path, repo_id: str, *, token: str, private: bool = False) 
     """Create the model repo `repo_id` (if needed) and upload `folder` into it; returns its URL."""
     url = api.create_repo(repo_id, token=token, private=private, repo_type="model", exist_ok=True)
     api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", token=token,
-                      commit_message="Upload model exported by cdpo")
+                      commit_message="Upload model exported by cdpo", ignore_patterns=[MARKER])
     log.info(f"pushed {folder} -> {url}")
     return str(url)

@@ -427,6 +427,12 @@ def _load_predictions(path: Path, response_key: str, answer_key: str) -> list[di
         # Records written from cdpo.data.records.Problem carry the golds as `answers`.
         if answer_key not in record and answer_key == "answer" and "answers" in record:
             record = {**record, "answer": record["answers"]}
+        samples = record.get("samples")
+        if response_key not in record and response_key == "response" and isinstance(samples, list) and samples:
+            # the pipeline's own predictions (eval_*.jsonl): the first sample is the one its accuracy counts
+            if not (isinstance(samples[0], dict) and isinstance(samples[0].get("response"), str)):
+                raise DataError(f"{path}:{lineno}: 'samples' must be a list of objects with a 'response' string")
+            record = {**record, "response": samples[0]["response"]}
         for key in (answer_key, response_key):
             if key not in record:
                 raise DataError(f"{path}:{lineno}: missing key {key!r} (keys: {sorted(record)})")

@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 from omegaconf import OmegaConf
 
+from cdpo.data.preferences import eval_dataset
 from cdpo.pipeline import identity as ident
 from cdpo.pipeline.artifacts import stage_signature
 
@@ -103,7 +104,9 @@ def render(*, name: str, base: str, merged: bool, run: dict | None, notes: list[
     else:
         lines += ["## Training", "", "The adapter was not found in a cdpo run directory: its settings are unknown.", ""]
     if run and run["results"]:
-        lines += ["## Evaluation", "", f"On the `{run['results'][0].get('split', 'test')}` split, graded "
+        data = (run["results"][0].get("config") or {}).get("data") or (run.get("settings") or {}).get("data") or {}
+        lines += ["## Evaluation", "", f"On the `{run['results'][0].get('split', 'test')}` split of "
+                  f"{eval_dataset(data) if data else 'the run data set'}, graded "
                   f"`{run['results'][0].get('grading', '')}`; accuracy of the first answer.", "",
                   "| model | accuracy | correct / questions | pass@k | no answer |", "|---|---|---|---|---|"]
         for r in run["results"]:

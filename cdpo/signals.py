@@ -7,17 +7,35 @@ raised while a finaliser (`__del__`) runs, so the signal is also recorded, and t
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 
 from cdpo.errors import Stopped
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 received: list[int] = []
+_held = 0
 
 
 def raise_stopped(signum, frame):
     received.append(signum)
-    raise Stopped(signum)
+    if not _held:
+        raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def held():
+    """A few steps that must not be split by a stop (e.g. the two renames that put a directory in place):
+    a signal arriving meanwhile is recorded and raised once they are done."""
+    global _held
+    before = len(received)
+    _held += 1
+    try:
+        yield
+    finally:
+        _held -= 1
+    if not _held and len(received) > before:
+        raise Stopped(received[before])
 
 
 def install() -> None:

@@ -109,7 +109,8 @@ def test_adapter_export_records_the_hub_id_and_loads_in_peft(tiny, tmp_path):
     proc = _export(f"adapter={adapter}", "out=exported", "base_model=my-org/tiny-base", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = tmp_path / "exported"
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [".cdpo-export.json", "README.md", "adapter_config.json",
+                                                     "adapter_model.safetensors"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "my-org/tiny-base" and config["inference_mode"] is True
     front, _ = _card(out)
@@ -223,10 +224,15 @@ class FakeHub:
         self.calls.append(("create_repo", repo_id, token, private, repo_type, exist_ok))
         return f"https://huggingface.co/{repo_id}"
 
-    def upload_folder(self, *, repo_id, folder_path, repo_type=None, token=None, commit_message=None):
+    def upload_folder(self, *, repo_id, folder_path, repo_type=None, token=None, commit_message=None,
+                      ignore_patterns=()):
+        import fnmatch
+
         self.calls.append(("upload_folder", repo_id, token, repo_type))
         folder = Path(folder_path)
-        self.uploaded = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+        files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+        self.uploaded = {f: (folder / f).read_bytes() for f in files
+                         if not any(fnmatch.fnmatch(f, pattern) for pattern in ignore_patterns)}
 
 
 def test_push_uploads_the_exported_folder_to_the_repo(tiny, tmp_path, monkeypatch):
@@ -336,9 +342,8 @@ def test_overwrite_replaces_out_only_once_the_new_export_is_complete(tiny, tmp_p
     from cdpo import export as export_mod
 
     _, adapter = tiny
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+    out = export_mod.export(adapter, tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def broken(adapter, source, directory, dtype):  # a failure half-way through writing the model
         (directory / "model.safetensors").write_bytes(b"partial")
@@ -347,12 +352,56 @@ def test_overwrite_replaces_out_only_once_the_new_export_is_complete(tiny, tmp_p
     monkeypatch.setattr(export_mod, "_write_merged", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         export_mod.export(adapter, out, merge=True, overwrite=True)
-    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary directory left
     with pytest.raises(RuntimeError, match="disk full"):
         export_mod.export(adapter, tmp_path / "new", merge=True)
     assert not (tmp_path / "new").exists()
 
-    export_mod.export(adapter, out, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    export_mod.export(adapter, out, overwrite=True, base_model="org/other")
+    assert sorted(p.name for p in out.iterdir()) == sorted(before)
+    assert "org/other" in (out / "adapter_config.json").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _tree(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["parent of the working directory", "working directory", "foreign files",
+                                   "home", "a file added to an export"])
+def test_overwrite_never_deletes_what_export_did_not_write(tiny, tmp_path, where):
+    """overwrite=true used to replace whatever `out` named: run from inside a folder with out=.., the parent went,
+    the current directory and unrelated files with it (exit 0). Now only an empty folder or an earlier export
+    (with nothing added to it) is replaced; anything else is one line, exit 2, and every file stays."""
+    _, adapter = tiny
+    root = tmp_path / "root"
+    (root / "work").mkdir(parents=True)
+    (root / "notes.txt").write_text("mine")
+    (root / "work" / "draft.txt").write_text("mine too")
+    cwd, out, env, expect = root / "work", "..", None, "the working directory or one of its parents"
+    if where == "working directory":
+        out = "."
+    elif where == "foreign files":
+        cwd, out, expect = tmp_path, str(root), "holds files no cdpo export wrote (notes.txt, work)"
+    elif where == "home":
+        cwd, out, env, expect = tmp_path, str(root), {"HOME": str(root)}, "is your home directory"
+    elif where == "a file added to an export":
+        assert _export(f"adapter={adapter}", f"out={root / 'exp'}", cwd=tmp_path).returncode == 0
+        (root / "exp" / "eval.txt").write_text("my notes")
+        cwd, out, expect = tmp_path, str(root / "exp"), "holds files no cdpo export wrote (eval.txt)"
+    before = _tree(root)
+    proc = _export(f"adapter={adapter}", f"out={out}", "overwrite=true", cwd=cwd, env=env)
+    _one_line_error(proc, tmp_path, expect=expect)
+    assert _tree(root) == before and cwd.is_dir()
+
+
+def test_overwrite_replaces_an_empty_folder_or_an_earlier_export(tiny, tmp_path):
+    _, adapter = tiny
+    (tmp_path / "empty").mkdir()
+    for out in ("empty", "empty", "new"):  # an empty folder, then the export just written there, then a new one
+        proc = _export(f"adapter={adapter}", f"out={out}", "overwrite=true", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads((tmp_path / out / ".cdpo-export.json").read_text())["files"] == [
+            "README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "new"]

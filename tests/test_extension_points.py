@@ -132,3 +132,27 @@ def test_train_logs_plain_lines_to_the_console_and_records_to_the_job_file(tmp_p
     job_log = (tmp_path / "h" / "train.log").read_text()
     assert "[cdpo.pipeline.runner][INFO] - [sample] running" in job_log
     assert "[cdpo.pipeline.runner][INFO] - [sample] finished" in job_log
+
+
+def test_a_stage_without_a_held_out_set_fits_without_library_warnings(prepared):
+    """`python train.py` printed Lightning's "Total length of `list` across ranks is zero" (a validation every
+    ce.eval_every_n_steps batches of an empty held-out set) and transformers' is_gradient_checkpointing
+    FutureWarning (asked by PEFT when it wraps the model); align, Lightning's "You passed in a `val_dataloader` but
+    have no `validation_step`" and torch's LeafSpec FutureWarning (from Lightning). None shows now."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_pipeline(_cfg(prepared, "stage=sft_neg", "+trainer.limit_train_batches=1", "ce.holdout=0"))
+        run_pipeline(_cfg(prepared, "stage=align", "method=dpo", "+trainer.limit_train_batches=1"))
+    shown = [str(w.message) for w in caught]
+    noise = ("Total length of", "is_gradient_checkpointing", "val_dataloader", "LeafSpec")
+    assert not [m for m in shown if any(n in m for n in noise)], shown
+
+
+def test_the_wandb_logger_passes_no_anonymous_setting(tmp_path, monkeypatch):
+    """Lightning's WandbLogger passes anonymous=None to wandb.init, whose every value warns that "the anonymous
+    setting has no effect"."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    logger = trainers.make_logger(_cfg(tmp_path / "run", "logger=wandb"), "sft_pos")
+    assert "anonymous" not in logger._wandb_init and logger._wandb_init["mode"] == "offline"

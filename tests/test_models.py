@@ -279,15 +279,17 @@ def test_unknown_embedded_alias_lists_known():
 
 
 def test_offline_hub_id_error_is_clear_and_fast(monkeypatch):
+    import socket
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.perf_counter()
+    # fast because nothing is tried: no connection (a retry loop would connect), checked instead of a clock
+    monkeypatch.setattr(socket.socket, "connect", lambda *a: pytest.fail(f"connected to {a[1:]}"))
     for loader in (load_model, load_tokenizer):
         with pytest.raises(OfflineHubError) as err:
             loader("cdpo-test-org/no-such-model-xyz")
         msg = str(err.value)
         assert "offline" in msg and "HF_HUB_OFFLINE" in msg and "local directory" in msg
         assert "cdpo-test-org/no-such-model-xyz" in msg
-    assert time.perf_counter() - start < 10
 
 
 # ---------------------------------------------------------------- embedded cache (no real conversion)
@@ -356,18 +358,18 @@ def test_missing_embedded_package_gives_install_command(fake_cache, monkeypatch)
 
 @pytest.fixture(scope="module")
 def embedded():
-    embedded_model_dir()  # converts once per machine (~25 s), so the timing below is the cached load
-    start = time.perf_counter()
-    model = load_model(EMBEDDED)
-    seconds = time.perf_counter() - start
-    print(f"\ncached embedded load: {seconds:.2f} s")
-    return model, load_tokenizer("smollm2_135m"), seconds
+    from unittest import mock
+
+    embedded_model_dir()  # converts once per machine (~25 s); the load below must use that cache
+    # fast because the cached weights are loaded as they are: no conversion (the timing is in benchmarks/)
+    with mock.patch.object(embedded_mod, "_convert_into", side_effect=AssertionError("converted again")):
+        model = load_model(EMBEDDED)
+    return model, load_tokenizer("smollm2_135m")
 
 
 @pytest.mark.slow
 def test_embedded_model_loads_fast_and_tied(embedded):
-    model, _, seconds = embedded
-    assert seconds < 5
+    model, _ = embedded
     assert type(model).__name__ == "LlamaForCausalLM" and not model.training
     n = model_summary(model)["total_params"]
     assert 130e6 < n < 140e6, n
@@ -377,7 +379,7 @@ def test_embedded_model_loads_fast_and_tied(embedded):
 
 @pytest.mark.slow
 def test_embedded_tokenizer_and_greedy_chat(embedded):
-    model, tokenizer, _ = embedded
+    model, tokenizer = embedded
     assert tokenizer.chat_template is not None
     assert tokenizer.padding_side == "left" and tokenizer.pad_token is not None
     messages = [{"role": "user", "content": "What is 2+3?"}]
@@ -391,7 +393,7 @@ def test_embedded_tokenizer_and_greedy_chat(embedded):
 
 @pytest.mark.slow
 def test_tokenizer_without_pad_gets_eos(embedded, tmp_path):
-    _, tokenizer, _ = embedded
+    _, tokenizer = embedded
     tokenizer.save_pretrained(tmp_path / "tok")
     config_file = tmp_path / "tok" / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
@@ -403,7 +405,7 @@ def test_tokenizer_without_pad_gets_eos(embedded, tmp_path):
 
 @pytest.mark.slow
 def test_tiny_llama_like_embedded_runs_real_text(embedded):
-    _, tokenizer, _ = embedded
+    _, tokenizer = embedded
     model = tiny_llama_like_embedded(seed=0)
     assert model.config.vocab_size == len(tokenizer)
     batch = tokenizer(["Question: 2+3?\nAnswer: ", "hi"], return_tensors="pt", padding=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..io import DataError
+from ..io import DataError, jsonl_lines
 
 FIELDS = ("prompt", "chosen", "rejected", "id")  # id is optional: rows are named by their place otherwise
 PROMPT_FORMATS = ("chat", "plain")
@@ -29,6 +29,14 @@ IMPORT_SETTINGS = ("kind", "split", "train_limit", "fields", "prompt_format", "p
 def is_preference_data(data) -> bool:
     """Whether a data section (config or dict) is user preference data rather than questions with answers."""
     return bool(data) and data.get("kind") == "preference"
+
+
+def eval_dataset(data) -> str:
+    """The name of the data set an evaluation of `data` (config or dict) asks: preference rows have no answers,
+    so theirs is data.eval_source's; other data sets are evaluated on their own test split."""
+    if is_preference_data(data):
+        return f"{data.get('name')}, evaluated on {data.get('eval_source')}"
+    return str(data.get("name"))
 
 
 class BadRow(ValueError):
@@ -59,15 +67,21 @@ def path_kind(path: str) -> str:
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (some Windows tools write one) is not data
-    if text.lstrip().startswith("["):  # one JSON array
+    with path.open("rb") as f:
+        array = f.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
+    if array:  # one JSON array
         try:
-            rows = json.loads(text)
+            rows = json.loads(path.read_text(encoding="utf-8-sig"))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text (byte {e.start + 1}): save the file as UTF-8") from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: malformed JSON array ({e.msg} at column {e.colno})") from None
         yield from ((f"{path}[{i}]", r) for i, r in enumerate(rows))
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in jsonl_lines(path):
+        if isinstance(line, DataError):  # this row only: the others are read
+            yield f"{path}:{lineno}", BadRow("not UTF-8", str(line).split(": ", 1)[1])
+            continue
         if not line.strip():
             continue
         try:
@@ -81,6 +95,7 @@ def _dataset_rows(path: str, kind: str, split: str) -> tuple[str, Any]:
     import datasets
 
     if kind == "parquet":
+        _check_parquet(Path(path).expanduser())
         return path, datasets.load_dataset("parquet", data_files=str(Path(path).expanduser()), split="train")
     if kind == "hub":
         from .sources import load_hub_dataset
@@ -92,6 +107,19 @@ def _dataset_rows(path: str, kind: str, split: str) -> tuple[str, Any]:
             raise ValueError(f"{path}: no split {split!r} (data.split); it has {', '.join(ds)}")
         return f"{path}[{split}]", ds[split]
     return path, ds
+
+
+def _check_parquet(path: Path) -> None:
+    """Its footer read (datasets would end in a traceback): not Parquet, damaged or without rows is one line."""
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_metadata(path).num_rows
+    except Exception as e:  # pyarrow's ArrowInvalid, OSError
+        raise DataError(f"{path}: not a readable Parquet file ({str(e).strip().splitlines()[0][:160]}): "
+                        "give a .parquet file written by pandas, pyarrow or datasets, or a .jsonl file") from None
+    if rows == 0:
+        raise DataError(f"{path}: the Parquet file holds no rows")
 
 
 def read_rows(path: str, split: str = "train") -> Iterator[tuple[str, Any]]:

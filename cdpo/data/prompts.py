@@ -6,7 +6,6 @@ Few-shot exemplars: built-in GSM8K ones, or a shipped set from data/exemplars (`
 """
 from __future__ import annotations
 
-import json
 from typing import Sequence
 
 CHAT_INSTRUCTION = "Solve step by step and finish with 'The answer is N.' where N is the final answer."
@@ -54,15 +53,14 @@ GSM8K_EXEMPLARS: list[tuple[str, str]] = [
 
 def load_exemplars(name: str) -> list[tuple[str, str]]:
     """(question, worked answer) pairs of data/exemplars/<name>.jsonl (provenance: data/README.md)."""
-    from ..io import DataError
+    from ..io import DataError, iter_jsonl
     from .sources import data_dir
 
     path = data_dir() / "exemplars" / f"{name}.jsonl"
     if not path.exists():
         known = sorted(p.stem for p in path.parent.glob("*.jsonl"))
         raise DataError(f"data.exemplars={name!r}: no file {path}; shipped sets: {', '.join(known)}")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [(r["question"], r["answer"]) for r in rows]
+    return [(r["question"], r["answer"]) for _, r in iter_jsonl(path)]
 
 
 def _check_style(style: str) -> None:

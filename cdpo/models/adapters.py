@@ -10,13 +10,24 @@ import contextlib
 import copy
 import json
 import shutil
-import tempfile
 from pathlib import Path
+
+import warnings
 
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from cdpo.errors import UserError
-from cdpo.io import replace_dir
+
+
+@contextlib.contextmanager
+def _peft_wrapping():
+    """PEFT asks every model it wraps for `is_gradient_checkpointing`, which transformers 5 deprecated in favour
+    of `is_activation_checkpointing`: that FutureWarning is PEFT's to fix and tells a cdpo user nothing."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+from cdpo.errors import CorruptArtifactError, UserError
+from cdpo.io import replace_dir, staging_dir, writing
 
 # The paper's LoRA settings (Sec. 3 / Appendix): CE models and the cDPO policy.
 PAPER_CE_LORA = dict(r=8, alpha=16, dropout=0.1, target_modules=["gate_proj", "up_proj", "down_proj"])
@@ -55,7 +66,8 @@ def add_lora(model, name: str, *, r: int, alpha: int, dropout: float = 0.0, targ
             raise ValueError(f"adapter {name!r} already exists (have: {adapter_names(model)})")
         model.add_adapter(name, config)
     else:
-        model = get_peft_model(model, config, adapter_name=name)
+        with _peft_wrapping():
+            model = get_peft_model(model, config, adapter_name=name)
     use_adapter(model, name)
     return model
 
@@ -104,19 +116,19 @@ def save_adapter(model: PeftModel, name: str, path: str | Path, state_dict: dict
     if name not in adapter_names(model):
         raise KeyError(f"no adapter named {name!r}; have: {adapter_names(model)}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
-    try:
-        if state_dict is None:
-            # save_embedding_layers=False: "auto" would look the base up on the hub (a network call) to spot
-            # resized vocabularies, which cdpo never makes; LoRA weights on embeddings are saved either way
-            model.save_pretrained(tmp, selected_adapters=[name], save_embedding_layers=False)
-            written = tmp if name == "default" else tmp / name
-        else:
-            written = _write_adapter(model, name, state_dict, tmp)
-        replace_dir(written, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with writing(path):
+        tmp = staging_dir(path)
+        try:
+            if state_dict is None:
+                # save_embedding_layers=False: "auto" would look the base up on the hub (a network call) to spot
+                # resized vocabularies, which cdpo never makes; LoRA weights on embeddings are saved either way
+                model.save_pretrained(tmp, selected_adapters=[name], save_embedding_layers=False)
+                written = tmp if name == "default" else tmp / name
+            else:
+                written = _write_adapter(model, name, state_dict, tmp)
+            replace_dir(written, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
@@ -150,7 +162,8 @@ def load_adapter(model, path: str | Path, name: str, *, trainable: bool = False)
             raise ValueError(f"adapter {name!r} already exists (have: {adapter_names(model)})")
         model.load_adapter(str(path), adapter_name=name, is_trainable=trainable)
     else:
-        model = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=trainable)
+        with _peft_wrapping():
+            model = PeftModel.from_pretrained(model, str(path), adapter_name=name, is_trainable=trainable)
     use_adapter(model, name)
     if not trainable:
         # set_adapter marks the active adapter trainable; a loaded-for-inference one stays frozen
@@ -167,36 +180,49 @@ def merge_and_unload(model):
 
 def check_adapter_fits(model, path: Path) -> None:
     """Raise AdapterMismatchError unless every LoRA tensor in ``path`` fits a module of ``model``."""
-    from safetensors import safe_open
-
     config_file, weights_file = path / _ADAPTER_CONFIG, path / _ADAPTER_WEIGHTS
     if not config_file.is_file() or not weights_file.is_file():
         raise AdapterMismatchError(f"{path} is not an adapter directory (needs {_ADAPTER_CONFIG} and {_ADAPTER_WEIGHTS})")
-    saved_base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    try:
+        saved_base = json.loads(config_file.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (ValueError, AttributeError) as e:  # not JSON, not UTF-8, not an object
+        raise CorruptArtifactError(f"{config_file}: damaged adapter config ({str(e)[:120]}): save or copy the "
+                                   "adapter again") from None
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     modules = dict(base.named_modules())
     this_base = getattr(base.config, "_name_or_path", None) or type(base).__name__
 
     problems = []
-    with safe_open(str(weights_file), "pt") as f:
-        for key in f.keys():
-            module_name, kind = _lora_target(key)
-            if kind is None:
-                continue  # modules_to_save and the like: PEFT checks those itself
-            shape = tuple(f.get_slice(key).get_shape())
-            module = modules.get(module_name)
-            if module is None or not hasattr(module, "in_features"):
-                problems.append(f"module {module_name} does not exist in this model")
-                continue
-            # lora_A: [r, in_features], lora_B: [out_features, r]
-            want, got = (module.in_features, shape[1]) if kind == "lora_A" else (module.out_features, shape[0])
-            if want != got:
-                side = "in" if kind == "lora_A" else "out"
-                problems.append(f"{module_name}: adapter has {side}_features={got}, model has {want}")
+    for key, shape in safetensors_shapes(weights_file).items():
+        module_name, kind = _lora_target(key)
+        if kind is None:
+            continue  # modules_to_save and the like: PEFT checks those itself
+        module = modules.get(module_name)
+        if module is None or not hasattr(module, "in_features"):
+            problems.append(f"module {module_name} does not exist in this model")
+            continue
+        # lora_A: [r, in_features], lora_B: [out_features, r]
+        want, got = (module.in_features, shape[1]) if kind == "lora_A" else (module.out_features, shape[0])
+        if want != got:
+            side = "in" if kind == "lora_A" else "out"
+            problems.append(f"{module_name}: adapter has {side}_features={got}, model has {want}")
     if problems:
         shown = "; ".join(problems[:3]) + (f"; ... ({len(problems)} mismatches)" if len(problems) > 3 else "")
         origin = f"adapter base {saved_base!r}, this model {this_base!r}" if saved_base else f"this model {this_base!r}"
         raise AdapterMismatchError(f"adapter in {path} does not fit this model ({origin}): {shown}")
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape in a .safetensors file; a damaged file (cut short, overwritten, not safetensors)
+    is a CorruptArtifactError naming it. The header and the file's length are checked: the data's bytes are not."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except Exception as e:  # SafetensorError, OSError
+        raise CorruptArtifactError(f"{path}: damaged safetensors file ({str(e).strip()[:160]}): save or copy the "
+                                   "adapter again (a run's stage writes it anew once the file is deleted)") from None
 
 
 def _lora_target(key: str) -> tuple[str, str | None]:

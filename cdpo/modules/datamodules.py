@@ -35,9 +35,6 @@ class _RecordsDataModule(L.LightningDataModule):
     def train_dataloader(self):
         return self._loader(self.shuffle)
 
-    def val_dataloader(self):
-        return self._loader(False, self.val_records) if self.val_records else []
-
     def predict_dataloader(self):
         return self._loader(False)
 
@@ -48,6 +45,9 @@ class SequencesDataModule(_RecordsDataModule):
     def __init__(self, records, *, weights_key: str | None = None, **kw):
         super().__init__(records, **kw)
         self.weights_key = weights_key
+
+    def val_dataloader(self):  # here only: Lightning warns about a val_dataloader beside a module without validation
+        return self._loader(False, self.val_records) if self.val_records else []
 
     def _collate(self, items):
         return collate_sequences(items, weights_key=self.weights_key, counter=self.truncation, **self.collate_kw)

@@ -4,14 +4,16 @@ from __future__ import annotations
 import importlib
 import logging
 import time
+import warnings
 
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from cdpo import distributed, signals
 from cdpo.data.preferences import is_preference_data
+from cdpo.io import recover_dir
 from cdpo.objectives import Objective, from_config as objective_of
-from cdpo.pipeline import artifacts
+from cdpo.pipeline import artifacts, estimate
 from cdpo.pipeline.artifacts import RunPaths
 from cdpo.pipeline.lock import run_lock
 from cdpo.stages import BY_NAME, NAMES as STAGES
@@ -59,6 +61,8 @@ def _quiet_lightning() -> None:
     # Lightning's per-fit INFO lines (GPU available, tips) drown the stage summaries
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Lightning 2.6's batch-size probe builds torch's LeafSpec, which torch 2.10+ deprecates: Lightning's to fix
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
 def run_pipeline(cfg: DictConfig) -> dict:
@@ -71,6 +75,8 @@ def run_pipeline(cfg: DictConfig) -> dict:
     if not distributed.is_main_process():  # the processes of one fit run under rank 0's lock
         return _run_stages(cfg, paths, stages, objective)
     with run_lock(paths.lock, cfg.get("lock_timeout_s")):
+        for adapter in (paths.pos_adapter, paths.neg_adapter, paths.aligned_adapter):
+            recover_dir(adapter)  # a save a kill interrupted: the old adapter back, no staging leftovers
         return _run_stages(cfg, paths, stages, objective)
 
 
@@ -80,6 +86,7 @@ def _run_stages(cfg: DictConfig, paths: RunPaths, stages: list[str], objective: 
     if reuse_from:
         source = RunPaths(OmegaConf.create({"run_dir": reuse_from, "method_dir": reuse_from, "data": cfg.data}))
     timings, summaries, identities = {}, {}, {}
+    forecast_done = False
     for stage in stages:
         signals.check()  # a signal whose exception was swallowed stops at the next stage at the latest
         artifacts.check_inputs(cfg, paths, stage, objective, known=identities)
@@ -92,6 +99,9 @@ def _run_stages(cfg: DictConfig, paths: RunPaths, stages: list[str], objective: 
             log.info(f"[{stage}] reused from {source.run} (same settings and inputs)")
             summaries[stage] = artifacts.read_marker(paths, stage)
             continue
+        if stage in estimate.STAGES and not forecast_done and is_preference_data(cfg.data) and _on_cpu(cfg):
+            forecast_done = True  # once, before the first training stage: the pairs are known by then
+            log.info(estimate.forecast(cfg, paths, stages[stages.index(stage):]) or "[estimate] no pairs yet")
         log.info(f"[{stage}] running")
         L.seed_everything(stage_seed(cfg, stage), verbose=False)
         t0 = time.perf_counter()
@@ -109,6 +119,12 @@ def _run_stages(cfg: DictConfig, paths: RunPaths, stages: list[str], objective: 
     if timings:
         log.info("wall time per stage: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     return {"stages": summaries, "seconds": timings}
+
+
+def _on_cpu(cfg: DictConfig) -> bool:
+    from cdpo.pipeline.context import device_for
+
+    return device_for(cfg) == "cpu"
 
 
 def _short(summary: dict) -> str:

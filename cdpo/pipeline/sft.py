@@ -37,5 +37,6 @@ def train_sft(cfg: DictConfig, paths: RunPaths, *, which: str) -> dict:
     summary = _fit(cfg, f"sft_{which}", module, data, adapter=which,
                    path=paths.pos_adapter if which == "pos" else paths.neg_adapter, epochs=ce.epochs,
                    key=stage_identity(cfg, paths, f"sft_{which}")["hash"],
-                   keep_best=KeepBestAdapter() if holdout else None, val_every=ce.get("eval_every_n_steps"))
+                   keep_best=KeepBestAdapter() if holdout else None,
+                   val_every=ce.get("eval_every_n_steps") if holdout else None)  # nothing to evaluate without one
     return {**summary, **sizes}

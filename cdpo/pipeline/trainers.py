@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cdpo import distributed
 from cdpo.errors import ConfigError
-from cdpo.io import write_jsonl
+from cdpo.io import jsonl_lines, write_jsonl
 from cdpo.validation import trainer_arguments  # the Trainer arguments of `trainer`: checked there too
 
 def _spec(node) -> dict:
@@ -81,7 +81,12 @@ def _wandb_logger(cfg: DictConfig, spec: dict, name: str):
                  config=OmegaConf.to_container(cfg, resolve=True), group=save_dir.name, job_type=name, id=run_id,
                  mode=mode)  # explicit: after an earlier run in this process (an eval's log_results, a
     # multirun's previous job) `offline` alone no longer kept wandb offline
-    return instantiate({**spec, **{k: v for k, v in stage.items() if spec.get(k) is None}}, _convert_="all")
+    logger = instantiate({**spec, **{k: v for k, v in stage.items() if spec.get(k) is None}}, _convert_="all")
+    # Lightning passes wandb.init anonymous=None when not asked, and wandb warns at any value that "the anonymous
+    # setting has no effect": not passed unless set
+    if getattr(logger, "_wandb_init", {}).get("anonymous", True) is None:
+        del logger._wandb_init["anonymous"]
+    return logger
 
 
 def _new_wandb_id() -> str:
@@ -140,10 +145,10 @@ class JsonlHistory(L.pytorch.loggers.Logger):
     def _rows(self) -> list[dict]:
         rows = []
         if self.path.exists():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            for _, line in jsonl_lines(self.path):  # split at "\n" only: a logged text may hold U+2028
                 try:
                     rows.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut by a kill: the checkpoint predates it
+                except (json.JSONDecodeError, TypeError):  # a line cut by a kill: the checkpoint predates it
                     break
         return rows
 

@@ -13,6 +13,7 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from omegaconf import DictConfig
 
 from cdpo import distributed
+from cdpo.errors import CorruptArtifactError
 from cdpo.models import save_adapter
 from cdpo.modules.callbacks import KeepBestAdapter
 from cdpo.pipeline import trainers
@@ -43,6 +44,8 @@ def _fit(cfg, name, module, datamodule, *, adapter: str, path, epochs, grad_accu
     ckpt_dir = path.parent / f".checkpoints-{path.name}-{(key or hashlib.sha1(name.encode()).hexdigest())[:12]}"
     last = ckpt_dir / "last.ckpt"
     resume = str(last) if cfg.trainer.get("checkpoint_every_n_steps") and _usable_checkpoint(last, name) else None
+    if cfg.get("ckpt_path"):
+        _check_checkpoint(str(cfg.ckpt_path))
     resume = cfg.get("ckpt_path") or resume
     trainer = trainers.make_trainer(cfg, name, epochs=epochs, grad_accum=grad_accum, checkpoint_dir=ckpt_dir,
                                     history=history, resume_history=resume is not None,
@@ -76,6 +79,17 @@ def _fit(cfg, name, module, datamodule, *, adapter: str, path, epochs, grad_accu
         summary.update(best_step=keep_best.best_step, best_val_loss=round(keep_best.best, 5),
                        held_out=len(datamodule.val_records))
     return summary
+
+
+def _check_checkpoint(path: str) -> None:
+    """ckpt_path= loaded as Lightning will (torch.load's defaults; memory-mapped, so the tensors are not read),
+    before fit: a file torch refuses is one line, not a traceback from inside it."""
+    try:
+        torch.load(path, map_location="cpu", mmap=True)
+    except Exception as e:  # UnpicklingError (not a checkpoint, or weights_only refused it), a cut zip, ...
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CorruptArtifactError(f"ckpt_path={path}: torch cannot load it ({type(e).__name__}: {reason}): give a "
+                                   "Lightning checkpoint (.ckpt) a cdpo training stage wrote") from None
 
 
 def _usable_checkpoint(last: Path, name: str) -> bool:

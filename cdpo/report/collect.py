@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from cdpo.data.preferences import eval_dataset
 from cdpo.io import DataError, iter_jsonl, read_jsonl
 
 CURVES = ("logps/chosen", "logps/rejected")  # the paper's Figure 6
@@ -60,7 +61,8 @@ def _identity(config: dict, rows: str | None, where: str) -> tuple[str, str, str
     missing = [k for k, v in values.items() if v is None]
     if missing:
         raise DataError(f"{where}: its config has no {', '.join(missing)}")
-    return values["model.name"], values["data.name"], rows and str(values[rows]), int(values["seed"])
+    data = eval_dataset(select(config, "data")) if select(config, "data.kind") == "preference" else values["data.name"]
+    return values["model.name"], data, rows and str(values[rows]), int(values["seed"])
 
 
 def _history(path: Path) -> list[dict]:
