@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gzip
 import json
 import os
 import re
@@ -60,11 +61,12 @@ def jsonl_lines(path: str | os.PathLike) -> Iterator[tuple[int, str | DataError]
     """(line number, text) for every line of a JSON Lines file, split as the format defines them: at "\n" only
     (str.splitlines() would also split at U+2028, U+0085 and others, which JSON strings may hold raw), so the
     numbers are the ones an editor shows. A line that is not UTF-8 comes as a DataError naming its place; a
-    byte-order mark at the start (some Windows tools write one) is not data."""
+    byte-order mark at the start (some Windows tools write one) is not data. A `.gz` file is read through gzip
+    (results kept in the repository, cdpo.report.archive)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    with path.open("rb") as f:
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as f:
         for lineno, raw in enumerate(f, start=1):  # binary files split at b"\n" only
             if lineno == 1:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")

@@ -7,6 +7,8 @@
 #   scripts/embedded_grid.sh                    # the whole grid (see README, "Sizing the test split", for its cost)
 #   scripts/embedded_grid.sh seed=0,1           # extra arguments go to train.py
 #   RUN_DIR=runs/x OUT=reports/x scripts/embedded_grid.sh model=tiny ...
+#   ARCHIVE=docs/results/embedded-grid scripts/embedded_grid.sh   # also keep the results with the repository
+#                                   (python -m cdpo.report.archive; report.py runs=[docs/results/embedded-grid])
 #
 # Samples, CE models and scores are made by the first job that needs them and shared by the rest;
 # rerunning skips every finished stage, so an interrupted grid continues where it stopped.
@@ -18,6 +20,7 @@ OUT="${OUT:-reports/embedded}"
 START=$SECONDS
 
 "$PYTHON" "$REPO/train.py" -m +sweep=embedded run_dir="$RUN_DIR" "$@"
+if [ -n "${ARCHIVE:-}" ]; then "$PYTHON" -m cdpo.report.archive "$RUN_DIR" "$ARCHIVE"; fi
 "$PYTHON" "$REPO/report.py" "runs=[$RUN_DIR]" out="$OUT" reference=cdpo
 "$PYTHON" "$REPO/report.py" "runs=[$RUN_DIR]" out="$OUT-per_position" reference=cdpo_per_position
 echo "grid wall time: $((SECONDS - START)) s (train.py -m and both reports)"

@@ -299,3 +299,25 @@ def test_figure6_draws_the_raw_points_faint_and_their_ema(tmp_path):
     assert len(raw_only) == 2 and np.allclose(raw_only[1].get_ydata(), rejected)
     with pytest.raises(ValueError, match=r"smoothing=1: .* \[0, 1\)"):
         build_report([tmp_path], tmp_path / "r", smoothing=1, wandb=False)
+
+
+def test_an_archived_run_gives_the_same_report_without_the_run(tmp_path):
+    """cdpo.report.archive keeps what the report reads (summaries, gzipped predictions and curves, markers);
+    the report rebuilt from the copy alone equals the one from the run directories."""
+    from cdpo.report.archive import archive
+
+    root = _grid(tmp_path)
+    run = root / "llama3_8b-gsm8k"
+    _write_shared(run, "llama3_8b", "gsm8k", "sft", [1, 0] * 30)
+    (run / "adapters" / "pos").mkdir(parents=True)
+    (run / "adapters" / "pos" / "adapter_model.safetensors").write_bytes(b"weights: not archived")
+    write_json(run / "score.done.json", {"seconds": 12.5})
+    kept = tmp_path / "kept"
+    written = archive(run, kept)
+    assert (kept / "cdpo-seed0" / "eval.jsonl.gz").exists() and (kept / "dpo-seed1" / "metrics.jsonl.gz").exists()
+    assert (kept / "score.done.json").exists() and (kept / "eval" / "sft.jsonl.gz").exists()
+    assert not list(kept.rglob("*.safetensors")) and not list(kept.rglob("*.jsonl"))
+    assert archive(run, kept) == []  # unchanged results: the same bytes, nothing rewritten
+    from_run = build_report([run], tmp_path / "a" / "t", resamples=300)["markdown"]
+    from_archive = build_report([kept], tmp_path / "b" / "t", resamples=300)["markdown"]
+    assert from_archive == from_run and "SFT (positive CE model)" in from_archive and len(written) > 10

@@ -65,8 +65,14 @@ def _identity(config: dict, rows: str | None, where: str) -> tuple[str, str, str
     return values["model.name"], data, rows and str(values[rows]), int(values["seed"])
 
 
+def _stored(path: Path) -> Path | None:
+    """`path`, or its gzipped copy as cdpo.report.archive keeps it, or None."""
+    return next((p for p in (path, path.with_name(path.name + ".gz")) if p.exists()), None)
+
+
 def _history(path: Path) -> list[dict]:
-    return [r for _, r in iter_jsonl(path)] if path.exists() else []
+    path = _stored(path)
+    return [r for _, r in iter_jsonl(path)] if path else []
 
 
 def collect_local(roots: Iterable[str | os.PathLike], rows: str = "method.name") -> list[Result]:
@@ -110,7 +116,8 @@ def _objective_facts(config: dict, rows: str) -> tuple[str | None, bool]:
 
 
 def _correct(predictions: Path) -> dict[str, int] | None:
-    return {r["id"]: int(r["samples"][0]["correct"]) for r in read_jsonl(predictions)} if predictions.exists() else None
+    predictions = _stored(predictions)
+    return {r["id"]: int(r["samples"][0]["correct"]) for r in read_jsonl(predictions)} if predictions else None
 
 
 def _shared_rows(roots: list[Path], methods: list[Result], rows: str) -> list[Result]:

@@ -1,0 +1,62 @@
+"""A run's results kept with the repository: what report.py reads, without the models.
+
+    python -m cdpo.report.archive runs/smollm2_135m-arith-table1 docs/results/embedded-grid
+
+Copies, under the same relative paths, every evaluation summary (`<method_dir>/eval.json`,
+`eval/base.json`, `eval/sft.json`), its graded predictions and training curves gzipped (`.jsonl.gz`,
+no timestamp in the gzip header, so an unchanged file gives the same bytes and git sees no change), and
+the stage markers (their identities and wall times). `report.py runs=[<dest>]` rebuilds every table
+from the copy on a fresh clone. Rerun it as results arrive: finished results are added, none removed.
+"""
+from __future__ import annotations
+
+import gzip
+import shutil
+import sys
+from pathlib import Path
+
+SUMMARIES = ("eval.json", "eval/base.json", "eval/sft.json")
+
+
+def archive(run_dir: str | Path, dest: str | Path) -> list[Path]:
+    """Copy `run_dir`'s results into `dest`; returns the files written or replaced."""
+    run_dir, dest = Path(run_dir), Path(dest)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory")
+    wanted = [p for pattern in ("**/eval.json", "eval/*.json", "**/*.done.json") for p in run_dir.glob(pattern)]
+    written = []
+    for summary in sorted(set(wanted)):
+        rel = summary.relative_to(run_dir)
+        written += _copy(summary, dest / rel)
+        if summary.name.endswith(".done.json"):
+            continue
+        for jsonl in (summary.with_suffix(".jsonl"), summary.parent / "metrics.jsonl"):
+            if jsonl.exists() and (jsonl.name != "metrics.jsonl" or summary.name == "eval.json"):
+                written += _copy_gz(jsonl, dest / jsonl.relative_to(run_dir).with_suffix(".jsonl.gz"))
+    return written
+
+
+def _copy(src: Path, dst: Path) -> list[Path]:
+    if dst.exists() and dst.read_bytes() == src.read_bytes():
+        return []
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+    return [dst]
+
+
+def _copy_gz(src: Path, dst: Path) -> list[Path]:
+    data = gzip.compress(src.read_bytes(), compresslevel=9, mtime=0)
+    if dst.exists() and dst.read_bytes() == data:
+        return []
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(dst)
+    return [dst]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m cdpo.report.archive <run_dir> <dest>")
+    files = archive(sys.argv[1], sys.argv[2])
+    print(f"{len(files)} file(s) written under {sys.argv[2]}")
