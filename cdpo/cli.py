@@ -15,8 +15,21 @@ import signal
 import sys
 from typing import Callable
 
+from omegaconf import OmegaConf
+
 from cdpo import signals
 from cdpo.errors import Stopped, UserError
+
+
+def _grid_rows(name: str) -> str:
+    from cdpo.objectives import grid  # the registry (and torch) only when a sweep preset asks for its rows
+
+    return ",".join(grid(name))
+
+
+# conf/sweep/table1.yaml and embedded.yaml: `method: ${cdpo_grid:table1}`, the rows the registry gives that grid
+if not OmegaConf.has_resolver("cdpo_grid"):
+    OmegaConf.register_new_resolver("cdpo_grid", _grid_rows)
 
 
 def _exit_now(signum, frame):

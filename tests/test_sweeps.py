@@ -25,7 +25,12 @@ ABLATIONS = {"ablation_b": "ce.b", "ablation_chosen_weights": "method.chosen_wei
 
 
 def _hydra_grid(name: str) -> dict[str, list[str]]:
+    """The sweep's parameters as Hydra's sweeper sees them (the registry's rows through the cdpo_grid resolver,
+    which every entry point registers)."""
+    import cdpo.cli  # noqa: F401  registers cdpo_grid
+
     params = yaml.safe_load((REPO / "conf" / "sweep" / f"{name}.yaml").read_text())["hydra"]["sweeper"]["params"]
+    params = OmegaConf.to_container(OmegaConf.create(params), resolve=True)
     return {k: str(v).split(",") for k, v in params.items()}
 
 
