@@ -293,6 +293,20 @@ def _nf4_bytes(model) -> tuple[int, int]:
     return packed, other
 
 
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_a_bitsandbytes_that_cannot_quantize_on_the_cpu_is_named(tmp_path, monkeypatch):
+    import bitsandbytes.functional as F
+
+    def cuda_only(*a, **k):
+        raise RuntimeError("No kernel registered for device cpu\nmore")
+
+    monkeypatch.setattr(F, "quantize_4bit", cuda_only)
+    tiny_llama().save_pretrained(tmp_path / "tiny")
+    with pytest.raises(QuantizationUnavailableError, match=r"on the CPU: bitsandbytes .* cannot quantize to NF4 here "
+                       r"\(RuntimeError: No kernel registered for device cpu\);.*quantization=null"):
+        load_model(str(tmp_path / "tiny"), quantization="nf4")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed "
                     "(pip install 'cdpo[qlora]'; .ci/run installs it)")
 def test_nf4_on_the_cpu_quantizes_follows_fp32_and_trains_a_lora(tmp_path):

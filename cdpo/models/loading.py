@@ -234,15 +234,15 @@ def _from_pretrained(cls, name_or_path: str, **kwargs):
 def _nf4_kwargs(quantization: str, device: str) -> dict:
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; supported: {', '.join(QUANTIZATIONS)} or None")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise QuantizationUnavailableError(
-            f"quantization={quantization!r} (4-bit QLoRA) needs bitsandbytes, which is not installed "
-            "(pip install 'cdpo[qlora]'). Load without quantization (quantization=null) on this machine.")
     on_cuda = torch.device(device).type == "cuda"
     if on_cuda and not torch.cuda.is_available():
         raise QuantizationUnavailableError(
             f"quantization={quantization!r} on device {device!r}: CUDA is not available "
             "(torch.cuda.is_available() is False). Use the CPU (trainer=cpu) or quantization=null.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QuantizationUnavailableError(
+            f"quantization={quantization!r} (4-bit QLoRA) needs bitsandbytes, which is not installed "
+            "(pip install 'cdpo[qlora]'). Load without quantization (quantization=null) on this machine.")
     if not on_cuda:
         _check_nf4_on_cpu(quantization)
     from transformers import BitsAndBytesConfig
