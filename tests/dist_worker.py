@@ -1,10 +1,10 @@
 """cDPO fits of a tiny LoRA policy under Lightning strategies, for tests/test_distributed.py.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py OUT.json
+    python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py OUT.json [deepspeed]
 
 Under torchrun (2 CPU processes, gloo) it runs, each on the same global batch of 4 pairs (2 per
 process): DDP; DDP whose gradient all-reduce is replaced by a no-op (a control that must diverge);
-FSDP in fp32; FSDP with a bf16 base and fp32 adapters. Rank 0 writes per-step losses (averaged over
+FSDP in fp32; FSDP with a bf16 base and fp32 adapters (with `deepspeed`: DeepSpeed ZeRO-2 alone). Rank 0 writes per-step losses (averaged over
 the processes), the gathered adapter and checks of what trained. `fit(..., world=1)` is the
 one-process reference the test runs itself. No precomputed reference log-probs: every step runs the
 reference forward with the adapter disabled, under each strategy's wrapping and sharding.
@@ -92,7 +92,34 @@ def _no_allreduce(state, bucket):
     return future
 
 
+def _cpu_deepspeed(stage: int):
+    """Lightning's DeepSpeed strategy on CPU processes (DS_ACCELERATOR=cpu, gloo). Lightning refuses it
+    without CUDA and gives DeepSpeed the device index None (CPU devices have none), which DeepSpeed's
+    engine compares with 0; only those two differ from the GPU strategy."""
+    from lightning.fabric.utilities.seed import reset_seed
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    class CPUDeepSpeedStrategy(DeepSpeedStrategy):
+        def setup_environment(self):
+            DDPStrategy.setup_environment(self)  # skips the CUDA-accelerator check
+
+        def setup_distributed(self):  # without the check that the device indices are GPU indices
+            reset_seed()
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+
+        @property
+        def root_device(self):
+            return torch.device("cpu", self.local_rank)
+
+    strategy = distributed.build_strategy({"name": "deepspeed", "stage": stage, "process_group_backend": "gloo"})
+    strategy.__class__ = CPUDeepSpeedStrategy
+    return strategy
+
+
 def strategy_for(kind: str):
+    if kind == "zero2":
+        return _cpu_deepspeed(2)
     if kind == "ddp":
         return distributed.build_strategy({"name": "ddp"})
     if kind == "ddp_no_sync":
@@ -153,16 +180,19 @@ def fit(strategy="auto", *, world: int = 1, dtype=torch.float32, precision: str 
     return result
 
 
-def main(out: str) -> None:
+def main(out: str, which: str = "torch") -> None:
     torch.set_num_threads(1)
     save = Path(out).parent
-    runs = {"ddp": fit(strategy_for("ddp"), world=2, save_to=save / "ddp"),
-            "ddp_no_sync": fit(strategy_for("ddp_no_sync"), world=2),
-            "fsdp": fit(strategy_for("fsdp"), world=2, save_to=save / "fsdp"),
-            "fsdp_bf16": fit(strategy_for("fsdp"), world=2, dtype=torch.bfloat16, precision="bf16-mixed")}
+    if which == "deepspeed":  # needs the deepspeed package and DS_ACCELERATOR=cpu
+        runs = {"zero2": fit(strategy_for("zero2"), world=2, save_to=save / "zero2")}
+    else:
+        runs = {"ddp": fit(strategy_for("ddp"), world=2, save_to=save / "ddp"),
+                "ddp_no_sync": fit(strategy_for("ddp_no_sync"), world=2),
+                "fsdp": fit(strategy_for("fsdp"), world=2, save_to=save / "fsdp"),
+                "fsdp_bf16": fit(strategy_for("fsdp"), world=2, dtype=torch.bfloat16, precision="bf16-mixed")}
     if distributed.is_main_process():
         Path(out).write_text(json.dumps(runs))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

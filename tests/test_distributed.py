@@ -175,6 +175,22 @@ def test_two_processes_follow_one_process_on_the_same_global_batch(kind, two_pro
     assert _max_diff(state, ref["adapter"]) < 1e-5 and dist_worker.LORA["r"] == loaded.peft_config["policy"].r
 
 
+@pytest.mark.skipif(__import__("importlib").util.find_spec("deepspeed") is None,
+                    reason="deepspeed is not installed (pip install 'cdpo[deepspeed]')")
+def test_deepspeed_zero2_on_two_cpu_processes_follows_one_process(tmp_path, one_process_run):
+    """DeepSpeed ZeRO-2 (its CPU accelerator, gloo) on the same global batch as one process."""
+    out = tmp_path / "runs.json"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(REPO / "tests" / "dist_worker.py"), str(out), "deepspeed"],
+                          capture_output=True, text=True, timeout=600, cwd=REPO, env=_env(DS_ACCELERATOR="cpu"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run, ref = json.loads(out.read_text())["zero2"], one_process_run
+    assert run["steps"] == ref["steps"] == 4
+    assert max(abs(a - b) for a, b in zip(run["losses"], ref["losses"])) < 1e-5, (run["losses"], ref["losses"])
+    assert _max_diff(run["adapter"], ref["adapter"]) < 1e-5 and run["frozen_max_change"] == 0.0
+    assert all("lora_" in n for n in run["trainable"])
+
+
 def test_without_gradient_all_reduce_the_losses_diverge(two_process_runs, one_process_run):
     """The control that shows the comparison above can fail: same first step, different updates."""
     run, ref = two_process_runs["ddp_no_sync"], one_process_run

@@ -5,6 +5,7 @@ cache, ~25 s; ~1 s afterwards). They run by default.
 """
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import os
@@ -261,15 +262,82 @@ def test_load_model_from_local_dir(tmp_path, ids):
         load_model(str(tmp_path / "missing" / "model"))
 
 
-def test_nf4_without_cuda_or_bitsandbytes_raises_clear_error(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this checks the CPU-only error")
+def test_nf4_without_bitsandbytes_or_on_a_missing_gpu_raises_clear_error(tmp_path, monkeypatch):
     tiny_llama().save_pretrained(tmp_path / "tiny")
-    with pytest.raises(QuantizationUnavailableError, match="CUDA is not available") as err:
-        load_model(str(tmp_path / "tiny"), quantization="nf4")
-    assert "bitsandbytes" in str(err.value) and "quantization=null" in str(err.value)
     with pytest.raises(ValueError, match="supported: nf4"):
         load_model(str(tmp_path / "tiny"), quantization="int3")
+    if not torch.cuda.is_available():
+        with pytest.raises(QuantizationUnavailableError, match="device 'cuda:0': CUDA is not available"):
+            load_model(str(tmp_path / "tiny"), quantization="nf4", device="cuda:0")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else
+                        real_find_spec(name, *a))
+    with pytest.raises(QuantizationUnavailableError, match=r"bitsandbytes, which is not installed.*quantization=null"):
+        load_model(str(tmp_path / "tiny"), quantization="nf4")
+
+
+def _nf4_bytes(model) -> tuple[int, int]:
+    """(bytes of the 4-bit linear layers: packed weights + their block scales, bytes of the rest). The
+    256-entry NF4 / scale code tables (1 KiB each, per layer) are left out: nothing at 70B scale."""
+    import bitsandbytes as bnb
+
+    packed = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            state = module.weight.quant_state
+            scales = [state.absmax] + ([state.state2.absmax] if state.nested else [])
+            packed += module.weight.numel() * module.weight.element_size() + sum(t.numel() * t.element_size()
+                                                                                 for t in scales)
+    seen = {id(m.weight) for m in model.modules() if type(m).__name__ == "Linear4bit"}
+    other = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in seen)
+    return packed, other
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed")
+def test_a_bitsandbytes_that_cannot_quantize_on_the_cpu_is_named(tmp_path, monkeypatch):
+    import bitsandbytes.functional as F
+
+    def cuda_only(*a, **k):
+        raise RuntimeError("No kernel registered for device cpu\nmore")
+
+    monkeypatch.setattr(F, "quantize_4bit", cuda_only)
+    tiny_llama().save_pretrained(tmp_path / "tiny")
+    with pytest.raises(QuantizationUnavailableError, match=r"on the CPU: bitsandbytes .* cannot quantize to NF4 here "
+                       r"\(RuntimeError: No kernel registered for device cpu\);.*quantization=null"):
+        load_model(str(tmp_path / "tiny"), quantization="nf4")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="bitsandbytes is not installed "
+                    "(pip install 'cdpo[qlora]'; .ci/run installs it)")
+def test_nf4_on_the_cpu_quantizes_follows_fp32_and_trains_a_lora(tmp_path):
+    """QLoRA on this CPU (bitsandbytes' CPU backend): every projection becomes a 4-bit NF4 layer whose
+    size is cdpo.memory's plan for it; logits stay near the fp32 model's; a LoRA on top trains."""
+    import bitsandbytes as bnb
+
+    from cdpo.memory import NF4_BYTES, Arch
+
+    base = tiny_llama(hidden_size=64, num_layers=2, num_heads=4, vocab_size=128)
+    base.save_pretrained(tmp_path / "tiny")
+    fp32 = load_model(str(tmp_path / "tiny"))
+    nf4 = load_model(str(tmp_path / "tiny"), quantization="nf4")
+    layers = [m for m in nf4.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 2 * 7 and all(m.weight.quant_type == "nf4" for m in layers)
+    arch = Arch.from_hf_config(base.config)
+    linear = arch.layers * sum(a * b for a, b in arch.projections().values())
+    packed, other = _nf4_bytes(nf4)
+    assert abs(packed / (linear * NF4_BYTES) - 1) < 0.01, (packed, linear * NF4_BYTES)  # the plan's 4.127 bits
+    assert other == (arch.params - linear) * 4  # embeddings (tied head) and norms stay fp32 here (bf16 on a GPU)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = nf4(ids).logits, fp32(ids).logits
+    diff = (a - b).abs()
+    assert 0 < diff.mean() < 0.1 * b.abs().mean() and diff.max() < b.abs().max()  # quantised, not broken
+    policy = add_lora(nf4, "policy", r=4, alpha=8, target_modules=["q_proj", "down_proj"])
+    loss = policy(ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for n, p in policy.named_parameters() if "lora_A.policy" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert not any(p.requires_grad for m in layers for p in m.parameters(recurse=False))  # the 4-bit base is frozen
 
 
 def test_unknown_embedded_alias_lists_known():

@@ -45,7 +45,7 @@ class DamagedModelError(UserError, OSError):
 
 
 class QuantizationUnavailableError(UserError, RuntimeError):
-    """4-bit loading was asked for where bitsandbytes or CUDA is missing."""
+    """4-bit loading was asked for where bitsandbytes is missing, cannot run, or the CUDA device is absent."""
 
 
 def load_model(
@@ -63,7 +63,7 @@ def load_model(
     (``"embedded:smollm2-135m-instruct"``, ``"smollm2_135m"``).
     ``dtype``: float32 / bfloat16 / float16, "auto" for the checkpoint's own, or "bf16-if-native"
     (bfloat16 where ``device`` computes it natively, float32 elsewhere; see :func:`native_bf16`).
-    ``quantization="nf4"``: 4-bit QLoRA base (bitsandbytes + CUDA), prepared for k-bit training.
+    ``quantization="nf4"``: 4-bit QLoRA base (bitsandbytes, on a CUDA GPU or the CPU), prepared for k-bit training.
     """
     kwargs: dict = {"dtype": "auto" if dtype == "auto" else torch_dtype(dtype, device)}
     if attn_implementation:
@@ -268,29 +268,47 @@ def _from_pretrained(cls, name_or_path: str, **kwargs):
 def _nf4_kwargs(quantization: str, device: str) -> dict:
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}; supported: {', '.join(QUANTIZATIONS)} or None")
-    missing = []
-    if importlib.util.find_spec("bitsandbytes") is None:
-        missing.append("bitsandbytes is not installed (pip install 'cdpo[qlora]')")
-    if not torch.cuda.is_available():
-        missing.append("CUDA is not available (torch.cuda.is_available() is False)")
-    elif torch.device(device).type != "cuda":
-        missing.append(f"device is {device!r}, not a CUDA device")
-    if missing:
+    on_cuda = torch.device(device).type == "cuda"
+    if on_cuda and not torch.cuda.is_available():
         raise QuantizationUnavailableError(
-            f"quantization={quantization!r} (4-bit QLoRA) needs bitsandbytes and a CUDA GPU, but "
-            + "; ".join(missing)
-            + ". Load without quantization (quantization=null) on this machine."
-        )
+            f"quantization={quantization!r} on device {device!r}: CUDA is not available "
+            "(torch.cuda.is_available() is False). Use the CPU (trainer=cpu) or quantization=null.")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QuantizationUnavailableError(
+            f"quantization={quantization!r} (4-bit QLoRA) needs bitsandbytes, which is not installed "
+            "(pip install 'cdpo[qlora]'). Load without quantization (quantization=null) on this machine.")
+    if not on_cuda:
+        _check_nf4_on_cpu(quantization)
     from transformers import BitsAndBytesConfig
 
     bnb = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        # bf16 where the device multiplies it natively; a CPU without AVX512-BF16/AMX emulates it, slower than fp32
+        bnb_4bit_compute_dtype=torch_dtype(BF16_IF_NATIVE, device),
         bnb_4bit_use_double_quant=True,
     )
-    index = torch.device(device).index or 0
-    return {"quantization_config": bnb, "device_map": {"": index}}
+    return {"quantization_config": bnb, "device_map": {"": torch.device(device).index or 0} if on_cuda else {"": "cpu"}}
+
+
+def _check_nf4_on_cpu(quantization: str) -> None:
+    """Recent bitsandbytes releases have a CPU backend for NF4 (0.50.2 is tested here); older ones are
+    CUDA only. A round trip of one tiny block says which kind is installed, before the model is read."""
+    import bitsandbytes
+    import bitsandbytes.functional as F
+
+    try:
+        weights = torch.linspace(-1, 1, 64)
+        packed, state = F.quantize_4bit(weights, quant_type="nf4", compress_statistics=True)
+        ok = (F.dequantize_4bit(packed, state) - weights).abs().max().item() < 0.2
+    except Exception as e:  # what a CUDA-only build raises varies by release
+        ok, why = False, f"{type(e).__name__}: {e}"
+    else:
+        why = "its NF4 round trip is wrong"
+    if not ok:
+        raise QuantizationUnavailableError(
+            f"quantization={quantization!r} on the CPU: bitsandbytes {bitsandbytes.__version__} cannot quantize "
+            f"to NF4 here ({why.splitlines()[0]}); upgrade it (0.50.2 runs NF4 on the CPU) or use quantization=null.")
 
 
 def tiny_llama(
