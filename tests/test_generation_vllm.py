@@ -184,7 +184,7 @@ def test_a_cpu_build_serves_without_a_gpu_and_a_cuda_build_refuses(fake_vllm, mo
     with pytest.raises(VLLMUnavailableError, match="CUDA build of vLLM needs a CUDA GPU.*vllm_cpu_check.sh"):
         VLLMEngine.from_config(_cfg("model=smollm2_135m"))
     monkeypatch.setattr(fake_vllm.platforms, "current_platform", types.SimpleNamespace(is_cpu=lambda: True))
-    VLLMEngine.from_config(_cfg("model=smollm2_135m"))
+    VLLMEngine.from_config(_cfg("model=smollm2_135m", "model.dtype=bf16-if-native"))
     kw = fake_vllm.engines[-1].kwargs
     assert kw["enable_chunked_prefill"] is False and kw["enable_lora"]
     assert kw["dtype"] == str(torch_dtype("bf16-if-native", "cpu")).removeprefix("torch.")  # float32 without AVX512-BF16
