@@ -236,6 +236,10 @@ def _trainer(c: _Checker) -> None:
     c.number(f"{t}.gradient_clip_val", low=0, optional=True)
     c.number(f"{t}.log_every_n_steps", low=1, integer=True)
     c.number(f"{t}.checkpoint_every_n_steps", low=1, integer=True, optional=True)
+    if c.get(f"{t}.strategy.name") == "deepspeed" and c.get(f"{t}.strategy.stage") == 3:
+        # a two-process run on the CPU fails in the first step (README, "What ran where"); refused before any work
+        c.bad(f"{t}.strategy.stage", "1 or 2 (trainer=deepspeed_zero2): ZeRO-3 partitions lm_head.weight, which "
+              "cdpo's chunked head uses outside the module's forward; to shard every weight use trainer=fsdp")
     _trainer_keys(c)
 
 

@@ -190,3 +190,15 @@ def test_paper_presets_train_like_the_authors_code():
     assert (cfg.align.overlong, cfg.align.drop_prompt_length, cfg.align.drop_length) == ("drop", 512, 1024)
     default = _compose()
     assert (default.ce.warmup_steps, default.align.schedule, default.align.overlong) == (None, "cosine", "truncate")
+
+
+@pytest.mark.parametrize("trainer", ["deepspeed_zero3", "deepspeed_zero3_offload"])
+def test_zero3_is_refused_before_any_work(trainer, monkeypatch):
+    """ZeRO-3 fails in the first training step (lm_head.weight is partitioned; cdpo's head uses it outside the
+    module): one line naming trainer.strategy.stage, also on a GPU machine; ZeRO-2 passes."""
+    import cdpo.validation as validation
+
+    monkeypatch.setattr(validation, "_has_gpu", lambda: True)
+    with pytest.raises(validation.ConfigError, match=r"trainer.strategy.stage=3: 1 or 2 .*trainer=fsdp"):
+        validation.validate(_compose([f"trainer={trainer}"]))
+    validation.validate(_compose(["trainer=deepspeed_zero2"]))
