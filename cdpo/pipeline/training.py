@@ -9,6 +9,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import torch
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from omegaconf import DictConfig
 
