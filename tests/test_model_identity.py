@@ -134,7 +134,12 @@ def test_a_hub_snapshot_is_identified_by_its_files(cache, tmp_path, monkeypatch)
     (snap / "config.json").write_text('{"hidden_size": 8}')
     (snap / "model.safetensors").write_bytes(b"w" * 100)
     cfg = OmegaConf.create({"path": "org/m", "dtype": "float32"})
+    import cdpo.hub as hub
+
+    probes = []
+    monkeypatch.setattr(hub, "unavailable", lambda *a: probes.append(1) or "offline: HF_HUB_OFFLINE is set")
     first = model_identity(cfg)
+    assert probes == []  # a cached snapshot: the hub is not asked
     _corrupt_in_place(snap / "model.safetensors", offset=1, n=2)
     assert model_identity(cfg) != first
     with pytest.raises(Exception, match="org/missing.*local hub cache"):

@@ -208,13 +208,13 @@ def resolve_source(name_or_path: str) -> str:
 
 def damaged_weight_file(directory: Path) -> Path | None:
     """The first weight file of a checkpoint directory whose header cannot be read, or None."""
-    from safetensors import safe_open
+    from cdpo.errors import CorruptArtifactError
+    from cdpo.models.adapters import safetensors_shapes  # the header and length check adapters get
 
     for path in sorted(directory.glob("*.safetensors")):
         try:
-            with safe_open(path, framework="pt") as f:
-                f.keys()
-        except (SafetensorError, OSError):
+            safetensors_shapes(path)
+        except CorruptArtifactError:
             return path
     for path in sorted(directory.glob("*.bin")):
         try:

@@ -122,10 +122,15 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
 
     patterns = ["*.safetensors", "*.safetensors.index.json", *CONFIG_FILES,
                 *[p + "*" for p in TOKENIZER_PREFIXES], *["*" + s for s in TOKENIZER_SUFFIXES]]
+    try:  # the local hub cache first: no probe of the hub for a model fetched already (every stage asks)
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns, local_files_only=True))
+    except Exception:
+        pass
     why = hub.unavailable()
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
-                                      local_files_only=why is not None))
+        if why is not None:
+            raise OSError(why)
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as e:  # offline and not cached, unknown repo, gated: loading would fail the same way
         raise UserError(f"model.path={repo_id!r}: its files could not be found in the local hub cache or "
                         f"fetched ({why or type(e).__name__}); give a local directory (model.path=/path/to/model) "
