@@ -114,7 +114,7 @@ def evaluate_model(cfg: DictConfig) -> dict:
 
     label = result_label(cfg.adapter)
     results = Path(to_absolute_path(str(cfg.results or f"outputs/eval/{cfg.model.name}-{cfg.data.name}-{label}.json")))
-    with context.generation_models(cfg) as model_for:  # generation=vllm: served by vLLM
+    with context.generation_models(cfg, merge=cfg.eval.get("merge_adapter", False)) as model_for:  # vllm: served by vLLM
         model = model_for(to_absolute_path(str(cfg.adapter)) if cfg.adapter else None, "adapter")
         out = run_eval(cfg, model, context.tokenizer(cfg), results.with_suffix(".jsonl"), label)
     passk = ", ".join(f"pass@{k} {100 * v:.1f}%" for k, v in out["pass_at_k"].items())

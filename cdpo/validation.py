@@ -384,6 +384,14 @@ def problems(cfg: DictConfig | dict, *, training: bool = True) -> list[str]:
     c.number(f"{e}.temperature", low=0)
     c.number(f"{e}.top_p", low=0, high=1, low_open=True)
     c.number(f"{e}.limit", low=1, integer=True, optional=True)
+    c.number(f"{e}.batch_size", low=1, integer=True)
+    c.boolean(f"{e}.merge_adapter")
+    if c.get(f"{e}.merge_adapter", False) is True:
+        if c.get("generation.backend", "hf") == "vllm":
+            c.bad(f"{e}.merge_adapter", "false with generation=vllm (vLLM serves the adapter as a LoRA request)")
+        elif c.get("model.quantization", None) or c.get("peft.quantization", None):
+            c.bad(f"{e}.merge_adapter", "false with a quantized base (a LoRA delta cannot be folded into 4-bit weights "
+                                        "without changing them)")
     n = c.get(f"{e}.n", 1)
     pass_k = c.get(f"{e}.pass_k")
     if pass_k != "<missing>" and (not isinstance(pass_k, list) or not all(

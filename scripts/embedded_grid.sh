@@ -8,7 +8,8 @@
 #   scripts/embedded_grid.sh seed=0,1           # extra arguments go to train.py
 #   RUN_DIR=runs/x OUT=reports/x scripts/embedded_grid.sh model=tiny ...
 #   ARCHIVE=docs/results/embedded-grid scripts/embedded_grid.sh   # also keep the results with the repository
-#                                   (python -m cdpo.report.archive; report.py runs=[docs/results/embedded-grid])
+#                                   (python -m cdpo.report.archive, every ARCHIVE_EVERY=600 s while the grid
+#                                   runs and at its end; report.py runs=[docs/results/embedded-grid])
 #
 # Samples, CE models and scores are made by the first job that needs them and shared by the rest;
 # rerunning skips every finished stage, so an interrupted grid continues where it stopped.
@@ -19,6 +20,10 @@ RUN_DIR="${RUN_DIR:-runs/smollm2_135m-arith-table1}"
 OUT="${OUT:-reports/embedded}"
 START=$SECONDS
 
+if [ -n "${ARCHIVE:-}" ]; then  # finished rows reach the archive while the grid runs (every ARCHIVE_EVERY s)
+  ( while sleep "${ARCHIVE_EVERY:-600}"; do "$PYTHON" -m cdpo.report.archive "$RUN_DIR" "$ARCHIVE" || true; done ) &
+  trap 'kill $! 2>/dev/null || true' EXIT
+fi
 "$PYTHON" "$REPO/train.py" -m +sweep=embedded run_dir="$RUN_DIR" "$@"
 if [ -n "${ARCHIVE:-}" ]; then "$PYTHON" -m cdpo.report.archive "$RUN_DIR" "$ARCHIVE"; fi
 "$PYTHON" "$REPO/report.py" "runs=[$RUN_DIR]" out="$OUT" reference=cdpo

@@ -1,6 +1,7 @@
 """Sweeps: every Hydra sweep preset and wandb grid spec composes into distinct jobs, the two formats
 hold the same grids, and the embedded Table-1 grid runs end to end (multirun + report) on a tiny model."""
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -103,7 +104,9 @@ def test_embedded_grid_script_end_to_end(tmp_path):
     _inject_correct_samples(RunPaths(_cfg(run, "+sweep=embedded")), tok)  # a random tiny model never answers right
     trajectories = read_jsonl(run / "trajectories.jsonl")
 
+    kept = tmp_path / "kept"  # ARCHIVE: the results copied while the grid runs (every 2 s here) and at its end
     env = {**os.environ, "RUN_DIR": str(run), "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
+           "ARCHIVE": str(kept), "ARCHIVE_EVERY": "2",
            "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "kernels"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(["bash", str(REPO / "scripts" / "embedded_grid.sh"), *TINY, "seed=0,1",
                            f"hydra.sweep.dir={tmp_path / 'multirun'}"],
@@ -136,6 +139,12 @@ def test_embedded_grid_script_end_to_end(tmp_path):
     assert sum(line.startswith("| arith tiny |") for line in md.splitlines()) == len(methods) - 1 + 1
     csv_rows = (out.parent / "embedded.csv").read_text().splitlines()
     assert len(csv_rows) == 1 + len(methods) + 1 and ",sft_pos,1," in csv_rows[1]
+    assert log.count("file(s) written under") >= 2  # copied during the grid, not only at its end
+    for method in methods:
+        for seed in (0, 1):
+            assert (kept / f"{method}-seed{seed}" / "eval.jsonl.gz").exists(), (method, seed)
+    # the eval stage ran with the grid's speed settings: the adapters merged, 128 questions a batch
+    assert json.loads((run / "cdpo-seed0" / "eval.json").read_text())["signature"]["eval"]["merge_adapter"] is True
     assert sum(",2,0;1," in r for r in csv_rows[1:]) == len(methods)
     # the second significance table: every row against the authors' per-position form
     md_pp = (out.parent / "embedded-per_position.md").read_text()

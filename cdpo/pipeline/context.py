@@ -12,7 +12,7 @@ from cdpo import distributed
 from cdpo.data import arith_exemplars, build_prompt, load_exemplars, load_problems, stop_strings
 from cdpo.data.preferences import is_preference_data, render_prompt
 from cdpo.errors import ConfigError
-from cdpo.models import load_adapter, load_model, load_tokenizer, tiny_llama_like_embedded
+from cdpo.models import load_adapter, load_model, merge_and_unload, load_tokenizer, tiny_llama_like_embedded
 
 TINY = "tiny:llama"
 BACKENDS = ("hf", "vllm")
@@ -44,11 +44,12 @@ def base_model(cfg: DictConfig, *, for_training: bool = False):
 
 
 @contextlib.contextmanager
-def generation_models(cfg: DictConfig):
+def generation_models(cfg: DictConfig, *, merge: bool = False):
     """Yields `model_for(adapter=None, name="adapter")`: the model sample / eval generate with, for
     `cdpo.generation.generate`.
 
-    generation.backend=hf: a fresh base model with the adapter directory loaded. vllm: one vLLM
+    generation.backend=hf: a fresh base model with the adapter directory loaded; with `merge`
+    (eval.merge_adapter) the adapter folded into that copy's weights (no LoRA matmuls per token). vllm: one vLLM
     engine for the whole block (started by the first call), each adapter served as a LoRA request;
     the engine is shut down when the block ends, so that the training stages get the GPU back.
     """
@@ -58,7 +59,10 @@ def generation_models(cfg: DictConfig):
     if backend == "hf":
         def model_for(adapter=None, name: str = "adapter"):
             model = base_model(cfg)
-            return load_adapter(model, adapter, name) if adapter else model
+            if not adapter:
+                return model
+            model = load_adapter(model, adapter, name)
+            return merge_and_unload(model) if merge else model
 
         yield model_for
         return

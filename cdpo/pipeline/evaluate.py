@@ -32,6 +32,8 @@ def eval_signature(cfg: DictConfig, adapter: Path | None, questions: str | None 
     """What an evaluation result depends on; a cached result is reused only when this matches: the
     settings, the test questions' digest, the base model's and the adapter's content hashes."""
     c = OmegaConf.to_container(cfg, resolve=True)
+    if adapter is None:  # nothing to merge: the base model's evaluation is shared by merged and unmerged runs
+        c["eval"].pop("merge_adapter", None)
     return {"model": c["model"], "data": c["data"], "eval": c["eval"], "generation": c["generation"],
             "model_identity": model_identity(cfg.model), "questions": questions,
             "adapter": None if adapter is None else describe(adapter)["sha256"]}
@@ -64,7 +66,7 @@ def evaluate_model(cfg: DictConfig, model, tok, out_path: Path, label: str, sign
     stats = GenerationStats()
     records = generate_graded(cfg, model, tok, problems, n=e.n, temperature=e.temperature, top_p=e.get("top_p", 1.0),
                               max_new_tokens=cfg.generation.max_new_tokens, seed=cfg.seed, desc=f"eval {label}",
-                              stats=stats, bar=bar)
+                              stats=stats, bar=bar, batch_size=e.get("batch_size"))
     n_correct = [sum(s["correct"] for s in r["samples"]) for r in records]
     first_correct = sum(r["samples"][0]["correct"] for r in records)
     results = {
@@ -110,7 +112,7 @@ def run(cfg: DictConfig, paths: RunPaths, objective: Objective | None = None) ->
             todo.append((label, key, out, adapter, signature))
     if todo:
         per_model = len(problems) * cfg.eval.n  # sequences; one bar over every model, cached ones done already
-        with context.generation_models(cfg) as model_for, Progress("eval", len(labels) * per_model, "seq") as bar:
+        with context.generation_models(cfg, merge=cfg.eval.get("merge_adapter", False)) as model_for, Progress("eval", len(labels) * per_model, "seq") as bar:
             bar.resume((len(labels) - len(todo)) * per_model)
             for label, key, out, adapter, signature in todo:  # one vLLM engine serves every adapter
                 results[label] = evaluate_model(cfg, model_for(adapter, key), tok, out, label, signature, bar, problems)

@@ -15,12 +15,13 @@ from cdpo.progress import Progress
 
 def generate_graded(cfg: DictConfig, model, tok, problems, *, n: int, temperature: float, top_p: float,
                     max_new_tokens: int, seed: int, desc: str, stats: GenerationStats,
-                    bar: Progress | None = None) -> list[dict]:
+                    bar: Progress | None = None, batch_size: int | None = None) -> list[dict]:
     """One record per problem: the prompt (text and ids) and its n graded completions. `bar`: the
-    stage's progress bar (else `generate` shows one of its own, `desc`)."""
+    stage's progress bar (else `generate` shows one of its own, `desc`); `batch_size`: rows per
+    generate batch (default generation.batch_size)."""
     prompts = [context.prompt_of(cfg, tok, p.question) for p in problems]
     outs = generate(model, tok, prompts, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                    stop=context.stops(cfg), seed=seed, batch_size=cfg.generation.batch_size, desc=desc,
+                    stop=context.stops(cfg), seed=seed, batch_size=batch_size or cfg.generation.batch_size, desc=desc,
                     stats=stats, bar=bar, add_special_tokens=not context.chat_prompts(cfg))
     records = []
     for problem, prompt, completions in zip(problems, prompts, outs):

@@ -11,7 +11,6 @@ from the copy on a fresh clone. Rerun it as results arrive: finished results are
 from __future__ import annotations
 
 import gzip
-import shutil
 import sys
 from pathlib import Path
 
@@ -37,15 +36,15 @@ def archive(run_dir: str | Path, dest: str | Path) -> list[Path]:
 
 
 def _copy(src: Path, dst: Path) -> list[Path]:
-    if dst.exists() and dst.read_bytes() == src.read_bytes():
-        return []
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
-    return [dst]
+    return _put(src.read_bytes(), dst)
 
 
 def _copy_gz(src: Path, dst: Path) -> list[Path]:
-    data = gzip.compress(src.read_bytes(), compresslevel=9, mtime=0)
+    return _put(gzip.compress(src.read_bytes(), compresslevel=9, mtime=0), dst)
+
+
+def _put(data: bytes, dst: Path) -> list[Path]:
+    """Write `data` to `dst` unless it holds them already; a reader (git, report.py) never sees half a file."""
     if dst.exists() and dst.read_bytes() == data:
         return []
     dst.parent.mkdir(parents=True, exist_ok=True)
