@@ -9,12 +9,13 @@ import warnings
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from cdpo import distributed, signals
+from cdpo import distributed, provenance, signals
 from cdpo.data.preferences import is_preference_data
 from cdpo.io import recover_dir
 from cdpo.objectives import Objective, from_config as objective_of
 from cdpo.pipeline import artifacts, estimate
 from cdpo.pipeline.artifacts import RunPaths
+from cdpo.pipeline.identity import resolved_dtype
 from cdpo.pipeline.lock import run_lock
 from cdpo.stages import BY_NAME, NAMES as STAGES
 from cdpo.validation import validate
@@ -107,7 +108,8 @@ def _run_stages(cfg: DictConfig, paths: RunPaths, stages: list[str], objective: 
         t0 = time.perf_counter()
         summary = run_stage(cfg, paths, stage, objective)
         timings[stage] = round(time.perf_counter() - t0, 1)
-        summary = {**summary, "seconds": timings[stage]}
+        made_on = {**provenance.where(_device(cfg)), "dtype": resolved_dtype(cfg.model.get("dtype"))}
+        summary = {**summary, "seconds": timings[stage], "made_on": made_on}  # the report's cost table
         summaries[stage] = summary
         if not distributed.is_main_process():
             continue  # several training processes: global rank 0 writes the marker
@@ -121,10 +123,14 @@ def _run_stages(cfg: DictConfig, paths: RunPaths, stages: list[str], objective: 
     return {"stages": summaries, "seconds": timings}
 
 
-def _on_cpu(cfg: DictConfig) -> bool:
+def _device(cfg: DictConfig) -> str:
     from cdpo.pipeline.context import device_for
 
-    return device_for(cfg) == "cpu"
+    return device_for(cfg)
+
+
+def _on_cpu(cfg: DictConfig) -> bool:
+    return _device(cfg) == "cpu"
 
 
 def _short(summary: dict) -> str:

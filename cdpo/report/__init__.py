@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cdpo.report.collect import Result, collect_local, collect_wandb, merge, wandb_online
+from cdpo.report.cost import cost_markdown, stage_markers
 from cdpo.report.plots import SMOOTHING, mean_curves, plot_logps
 from cdpo.report.table import DATA_NAMES, MODEL_NAMES, Table
 
@@ -46,7 +47,7 @@ def build_report(runs: list[str], out: str | Path, *, rows: str = "method.name",
         f"several seeds a question scores the fraction of seeds that solved it), and McNemar's exact test per "
         f"seed (matched by seed number), of which the largest p is shown:", "", table.significance_markdown(),
         *(f"![{f.stem}: chosen (solid) and rejected (dashed) log-probs during training]({f.name})\n"
-          for f in figures)])
+          for f in figures), cost_markdown(stage_markers(runs))])
     md_path, csv_path = out.parent / f"{out.name}.md", out.parent / f"{out.name}.csv"
     md_path.write_text(md)
     csv_path.write_text(table.csv())

@@ -1,0 +1,61 @@
+"""What the report's results cost and where they were made: every stage marker (`*.done.json`) under
+the runs gives its wall time and, from this version on, its machine, dtype and commit
+(`cdpo.provenance`, written by the pipeline runner)."""
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from cdpo.stages import NAMES as STAGES
+
+log = logging.getLogger(__name__)
+
+
+def stage_markers(runs: list[str | Path]) -> list[tuple[str, dict]]:
+    """(stage, marker) for every readable stage marker under `runs`, each file once."""
+    found = []
+    for path in sorted({p.resolve() for run in runs for p in Path(run).glob("**/*.done.json")}):
+        stage = path.name.removesuffix(".done.json")
+        if stage not in STAGES:
+            continue
+        try:
+            found.append((stage, json.loads(path.read_text())))
+        except (OSError, ValueError) as e:
+            log.warning(f"{path}: unreadable stage marker ({str(e)[:80]}): left out of the cost table")
+    return found
+
+
+def _machine(made_on: dict) -> str:
+    where = made_on.get("gpu") or f"{made_on.get('cpu', '?')} ({made_on.get('cores', '?')} cores)"
+    return f"{where}, {made_on.get('dtype') or '?'}"
+
+
+def cost_markdown(markers: list[tuple[str, dict]]) -> str:
+    """A table per stage, in pipeline order: runs, median and total wall time, the machines, dtypes and
+    commits that made them (`—` for markers written before the runner recorded them)."""
+    by_stage = defaultdict(list)
+    for stage, marker in markers:
+        if isinstance(marker.get("seconds"), (int, float)):
+            by_stage[stage].append(marker)
+    if not by_stage:
+        return ""
+    lines = ["| stage | runs | median | total | machine, dtype | code |", "|---|---|---|---|---|---|"]
+    total = 0.0
+    for stage in (s for s in STAGES if s in by_stage):
+        ms = by_stage[stage]
+        seconds = [m["seconds"] for m in ms]
+        total += sum(seconds)
+        made = [m["made_on"] for m in ms if isinstance(m.get("made_on"), dict)]
+        machines = sorted({_machine(m) for m in made}) or ["—"]
+        code = sorted({str(m.get("code", "?")) for m in made}) or ["—"]
+        lines.append(f"| {stage} | {len(ms)} | {_duration(statistics.median(seconds))} | {_duration(sum(seconds))} "
+                     f"| {'; '.join(machines)} | {', '.join(code)} |")
+    return "\n".join([f"Wall time per stage ({_duration(total)} in all, read from the stage markers):", "",
+                      *lines, ""])
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.2f} h"
