@@ -11,8 +11,9 @@
 #                                   (python -m cdpo.report.archive, every ARCHIVE_EVERY=600 s while the grid
 #                                   runs and at its end; report.py runs=[docs/results/embedded-grid])
 #
-# Samples, CE models and scores are made by the first job that needs them and shared by the rest;
-# rerunning skips every finished stage, so an interrupted grid continues where it stopped.
+# Each seed is a replicate with its own samples, CE models and scores (RUN_DIR/samples<seed>), made by the
+# first job of that seed that needs them and shared by its other rows; rerunning skips every finished
+# stage, so an interrupted grid continues where it stopped.
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 PYTHON="${PYTHON:-python}"
@@ -24,7 +25,8 @@ if [ -n "${ARCHIVE:-}" ]; then  # finished rows reach the archive while the grid
   ( while sleep "${ARCHIVE_EVERY:-600}"; do "$PYTHON" -m cdpo.report.archive "$RUN_DIR" "$ARCHIVE" || true; done ) &
   trap 'kill $! 2>/dev/null || true' EXIT
 fi
-"$PYTHON" "$REPO/train.py" -m +sweep=embedded run_dir="$RUN_DIR" "$@"
+# one run_dir per sample set under RUN_DIR (conf/sweep/embedded.yaml); the archive and reports read them all
+"$PYTHON" "$REPO/train.py" -m +sweep=embedded run_dir="$RUN_DIR"'/samples${sample.seed}' "$@"
 if [ -n "${ARCHIVE:-}" ]; then "$PYTHON" -m cdpo.report.archive "$RUN_DIR" "$ARCHIVE"; fi
 "$PYTHON" "$REPO/report.py" "runs=[$RUN_DIR]" out="$OUT" reference=cdpo
 "$PYTHON" "$REPO/report.py" "runs=[$RUN_DIR]" out="$OUT-per_position" reference=cdpo_per_position

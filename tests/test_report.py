@@ -211,9 +211,12 @@ def test_build_report_writes_markdown_csv_and_the_figure(tmp_path):
 
 
 # --- the shared base / SFT evaluations, the reference check, the smoothed Figure 6 -----------------
-def _write_shared(run_dir, model, data, name, correct, *, seed=0, adapter="a1"):
-    """What the eval stage writes once per run_dir for `compare`: eval/base.json, eval/sft.json."""
+def _write_shared(run_dir, model, data, name, correct, *, seed=0, adapter="a1", samples=None):
+    """What the eval stage writes once per run_dir for `compare`: eval/base.json, eval/sft.json
+    (`samples`: the run_dir's sample.seed and ce.seed)."""
     config = {"model": {"name": model}, "data": {"name": data}, "method": {"name": "cdpo"}, "seed": seed}
+    if samples is not None:
+        config.update(sample={"seed": samples}, ce={"seed": samples})
     write_json(run_dir / "eval" / f"{name}.json", {
         "accuracy": mean(correct), "questions": len(correct), "correct": sum(correct), "config": config,
         "signature": {"model": model, "adapter": None if name == "base" else adapter}})
@@ -257,6 +260,24 @@ def test_base_and_sft_evaluations_of_each_run_dir_are_rows(tmp_path, caplog):
     assert rows == {"base", "cdpo"} and "'SFT (positive CE model)' left out for smollm2_135m / arith" in caplog.text
     _write_run(root, "smollm2_135m", "arith", "baseline", 0, base)
     assert sorted(r.row for r in collect_local([root])) == ["baseline", "cdpo", "cdpo"]
+
+
+def test_sft_models_of_replicate_run_dirs_are_the_seeds_of_one_row(tmp_path, caplog):
+    """The embedded grid's seeds are whole replicates (run_dir samples<seed>, sample.seed = ce.seed = seed):
+    their SFT models differ and are that row's seeds; the same samples with other SFT models are an
+    ablation, whose row is left out."""
+    root = tmp_path / "grid"
+    for seed in (0, 1):
+        _write_run(root / f"samples{seed}", "smollm2_135m", "arith", "cdpo", seed, [1, 1, 1, seed])
+        _write_shared(root / f"samples{seed}", "smollm2_135m", "arith", "sft", [1, 0, 0, seed], seed=seed,
+                      adapter=f"a{seed}", samples=seed)
+    sft = sorted((r.seed, r.accuracy) for r in collect_local([root]) if r.row == "sft_pos")
+    assert sft == [(0, 0.25), (1, 0.5)]
+    assert "| SFT (positive CE model) | 37.5 ± 17.7 |" in Table(collect_local([root]), resamples=100).markdown()
+    # another seed on the same samples and CE seed, another SFT model: not a replicate
+    _write_shared(root / "samples1-b2", "smollm2_135m", "arith", "sft", [0] * 4, seed=2, adapter="b", samples=1)
+    caplog.set_level(logging.INFO, logger="cdpo")
+    assert "sft_pos" not in {r.row for r in collect_local([root])} and "left out" in caplog.text
 
 
 def test_a_reference_that_is_not_a_row_is_named_with_the_rows_there(tmp_path, caplog):

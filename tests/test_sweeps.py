@@ -97,12 +97,18 @@ def test_wandb_grid_spec_matches_the_hydra_sweep(name):
 
 def test_embedded_grid_script_end_to_end(tmp_path):
     """scripts/embedded_grid.sh on the tiny model: a Hydra multirun of every method x 2 seeds in a
-    subprocess, then the report. Shared stages run once; each method and seed trains its own adapter."""
+    subprocess, then the report. Each seed is a replicate with its own samples and CE models (run/samples<seed>),
+    made once and shared by its rows; each method and seed trains its own adapter."""
     run, out = tmp_path / "run", tmp_path / "reports" / "embedded"
     tok = load_tokenizer("embedded:smollm2-135m-instruct")
-    run_pipeline(_cfg(run, "+sweep=embedded", "stage=sample"))  # the grid's settings (its grading)
-    _inject_correct_samples(RunPaths(_cfg(run, "+sweep=embedded")), tok)  # a random tiny model never answers right
-    trajectories = read_jsonl(run / "trajectories.jsonl")
+    trajectories = {}
+    for seed in (0, 1):  # the grid's settings (its grading, sample.seed = seed)
+        cfg = _cfg(run / f"samples{seed}", "+sweep=embedded", f"seed={seed}")
+        assert cfg.sample.seed == cfg.ce.seed == seed
+        run_pipeline(_cfg(run / f"samples{seed}", "+sweep=embedded", f"seed={seed}", "stage=sample"))
+        _inject_correct_samples(RunPaths(cfg), tok)  # a random tiny model never answers right
+        trajectories[seed] = read_jsonl(run / f"samples{seed}" / "trajectories.jsonl")
+    assert trajectories[0] != trajectories[1]  # two sample sets
 
     kept = tmp_path / "kept"  # ARCHIVE: the results copied while the grid runs (every 2 s here) and at its end
     env = {**os.environ, "RUN_DIR": str(run), "OUT": str(out), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1",
@@ -117,41 +123,42 @@ def test_embedded_grid_script_end_to_end(tmp_path):
     trained = [m for m in methods if build(m).trains]  # the baseline trains nothing
     ran = {stage: log.count(f"[{stage}] running") for stage in ("sample", "select", "sft_pos", "sft_neg", "score",
                                                                  "align", "eval")}
-    assert ran == {"sample": 0, "select": 1, "sft_pos": 1, "sft_neg": 1, "score": 1, "align": 2 * len(trained),
+    assert ran == {"sample": 0, "select": 2, "sft_pos": 2, "sft_neg": 2, "score": 2, "align": 2 * len(trained),
                    "eval": 2 * len(methods)}
-    assert read_jsonl(run / "trajectories.jsonl") == trajectories  # no job resampled
-
-    for method in methods:
-        for seed in (0, 1):
-            assert (run / f"{method}-seed{seed}" / "eval.jsonl").exists(), (method, seed)
+    for seed in (0, 1):
+        assert read_jsonl(run / f"samples{seed}" / "trajectories.jsonl") == trajectories[seed]  # no job resampled
+        for method in methods:
+            assert (run / f"samples{seed}" / f"{method}-seed{seed}" / "eval.jsonl").exists(), (method, seed)
     # the SFT baseline is trained per seed (its own adapter, not the shared positive CE model)
-    sft = [(run / f"sft-seed{s}" / "adapter" / "adapter_model.safetensors").read_bytes() for s in (0, 1)]
-    assert sft[0] != sft[1] and sft[0] != (run / "adapters" / "pos" / "adapter_model.safetensors").read_bytes()
-    assert read_jsonl(run / "cdpo-seed1" / "metrics.jsonl")[0].keys() >= {"step", "logps/chosen", "logps/rejected"}
+    sft = [(run / f"samples{s}" / f"sft-seed{s}" / "adapter" / "adapter_model.safetensors").read_bytes() for s in (0, 1)]
+    pos = [(run / f"samples{s}" / "adapters" / "pos" / "adapter_model.safetensors").read_bytes() for s in (0, 1)]
+    assert sft[0] != sft[1] and sft[0] != pos[0] and pos[0] != pos[1]
+    assert read_jsonl(run / "samples1" / "cdpo-seed1" / "metrics.jsonl")[0].keys() >= {"step", "logps/chosen",
+                                                                                         "logps/rejected"}
 
     md = (out.parent / "embedded.md").read_text()
     assert md in log  # the report printed what it wrote
     for method in methods:
         assert f"| {build(method).row_label} | 0.0 ± 0.0 |" in md  # a random model: 0 of 3 questions, 2 seeds each
-    # the run_dir's shared SFT evaluation (the positive CE model) is a row too; its base evaluation is the baseline's
-    assert "| SFT (positive CE model) | 0.0 |" in md and "Baseline (base model)" not in md
+    # each run_dir's shared SFT evaluation (the positive CE model) is a row too; its base evaluation is the baseline's
+    assert "| SFT (positive CE model) | 0.0 ± 0.0 |" in md and "Baseline (base model)" not in md
     # cDPO against each other row: the other methods and the shared SFT (positive CE model) row
     assert sum(line.startswith("| arith tiny |") for line in md.splitlines()) == len(methods) - 1 + 1
     csv_rows = (out.parent / "embedded.csv").read_text().splitlines()
-    assert len(csv_rows) == 1 + len(methods) + 1 and ",sft_pos,1," in csv_rows[1]
+    assert len(csv_rows) == 1 + len(methods) + 1 and ",sft_pos,2," in csv_rows[1]
     assert log.count("file(s) written under") >= 2  # copied during the grid, not only at its end
     for method in methods:
         for seed in (0, 1):
-            assert (kept / f"{method}-seed{seed}" / "eval.jsonl.gz").exists(), (method, seed)
+            assert (kept / f"samples{seed}" / f"{method}-seed{seed}" / "eval.jsonl.gz").exists(), (method, seed)
     # the eval stage ran with the grid's speed settings: the adapters merged, 128 questions a batch
-    assert json.loads((run / "cdpo-seed0" / "eval.json").read_text())["signature"]["eval"]["merge_adapter"] is True
-    assert sum(",2,0;1," in r for r in csv_rows[1:]) == len(methods)
+    assert json.loads((run / "samples0" / "cdpo-seed0" / "eval.json").read_text())["signature"]["eval"]["merge_adapter"] is True
+    assert sum(",2,0;1," in r for r in csv_rows[1:]) == len(methods) + 1  # the SFT (positive CE model) row too
     # the second significance table: every row against the authors' per-position form
     md_pp = (out.parent / "embedded-per_position.md").read_text()
     assert "| arith tiny | + cDPO |" in md_pp and "| arith tiny | + cDPO (per position) |" not in md_pp
     assert "| arith tiny | + cDPO (per position) |" in md
     # the two cDPO forms trained differently (same data, seed and initialisation)
-    seq, pp = ((run / f"{m}-seed0" / "adapter" / "adapter_model.safetensors").read_bytes()
+    seq, pp = ((run / "samples0" / f"{m}-seed0" / "adapter" / "adapter_model.safetensors").read_bytes()
                for m in ("cdpo", "cdpo_per_position"))
     assert seq != pp
     assert "grid wall time:" in log

@@ -135,20 +135,30 @@ def _shared_rows(roots: list[Path], methods: list[Result], rows: str) -> list[Re
             summary = json.loads(path.read_text())
             model, data, _, seed = _identity(summary.get("config") or {}, None, str(path))
             signature = json.dumps(summary.get("signature") or str(path), sort_keys=True)
-            found[(model, data, row)].setdefault(signature, Result(
+            config = summary.get("config") or {}
+            found[(model, data, row)].setdefault(signature, (Result(
                 model, data, row, seed, summary["accuracy"], summary["questions"], _correct(path.with_suffix(".jsonl")),
-                source=str(path)))
+                source=str(path)), (select(config, "sample.seed"), select(config, "ce.seed"))))
     baseline = {(r.model, r.data) for r in methods if not r.trains}
     out = []
     for (model, data, row), by_signature in found.items():
         if row == "base" and (model, data) in baseline:
             continue
-        if len(by_signature) > 1:
+        made = list(by_signature.values())
+        if len(made) > 1 and not _replicates(made):
             log.info(f"report: row {SHARED_ROWS[row]!r} left out for {model} / {data}: its run directories "
                      f"evaluated {len(by_signature)} different models")
             continue
-        out.extend(by_signature.values())
+        out.extend(result for result, _ in made)
     return out
+
+
+def _replicates(made: list[tuple[Result, tuple]]) -> bool:
+    """Whether different shared models are one row's seeds: each made from its own samples and CE seed
+    (a grid whose seed is a whole replicate, conf/sweep/embedded.yaml) under its own seed, not an
+    ablation that changed the model on the same samples."""
+    seeds, sample_sets = [r.seed for r, _ in made], [s for _, s in made]
+    return None not in sample_sets[0] and len(set(seeds)) == len(made) == len(set(sample_sets))
 
 
 def _add(results: dict, result: Result) -> None:
