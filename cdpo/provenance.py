@@ -33,6 +33,9 @@ def code_version() -> str:
 
     try:
         run = functools.partial(subprocess.run, cwd=REPO, capture_output=True, text=True, timeout=10, check=True)
+        top = run(["git", "rev-parse", "--show-toplevel"]).stdout.strip()
+        if Path(top).resolve() != REPO:  # installed inside another checkout: not this code's commit
+            return f"cdpo {__version__}"
         commit = run(["git", "rev-parse", "--short=12", "HEAD"]).stdout.strip()
         dirty = run(["git", "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -40,8 +43,12 @@ def code_version() -> str:
     return commit + ("+changes" if dirty else "")
 
 
-def where(device: str = "cpu") -> dict:
-    """The machine and code of this process (`device`: the stage's, "cpu" or "cuda:N")."""
+def where(device: str = "cpu", dtype: str | None = None) -> dict:
+    """The machine and code of this process (`device`: the stage's, "cpu" or "cuda:N"; `dtype`: model.dtype,
+    resolved for that device)."""
+    from cdpo.models.loading import torch_dtype
+
     gpu = torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda") else None
+    resolved = None if dtype is None else str(torch_dtype(dtype, device)).removeprefix("torch.")
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "threads": torch.get_num_threads(), "gpu": gpu,
-            "torch": torch.__version__, "code": code_version()}
+            "dtype": resolved, "torch": torch.__version__, "code": code_version()}

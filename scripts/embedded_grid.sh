@@ -21,12 +21,22 @@ RUN_DIR="${RUN_DIR:-runs/smollm2_135m-arith-table1}"
 OUT="${OUT:-reports/embedded}"
 START=$SECONDS
 
+KEEPER=
+stop_keeper() { if [ -n "$KEEPER" ]; then kill "$KEEPER" 2>/dev/null || true; wait "$KEEPER" 2>/dev/null || true; KEEPER=; fi; }
 if [ -n "${ARCHIVE:-}" ]; then  # finished rows reach the archive while the grid runs (every ARCHIVE_EVERY s)
-  ( while sleep "${ARCHIVE_EVERY:-600}"; do "$PYTHON" -m cdpo.report.archive "$RUN_DIR" "$ARCHIVE" || true; done ) &
-  trap 'kill $! 2>/dev/null || true' EXIT
+  (
+    trap 'kill ${NAP:-} 2>/dev/null; exit 0' TERM   # stopped between passes, or once its pass has ended
+    while true; do
+      sleep "${ARCHIVE_EVERY:-600}" & NAP=$!; wait $NAP
+      "$PYTHON" -m cdpo.report.archive "$RUN_DIR" "$ARCHIVE" || true
+    done
+  ) &
+  KEEPER=$!
+  trap stop_keeper EXIT
 fi
 # one run_dir per sample set under RUN_DIR (conf/sweep/embedded.yaml); the archive and reports read them all
 "$PYTHON" "$REPO/train.py" -m +sweep=embedded run_dir="$RUN_DIR"'/samples${sample.seed}' "$@"
+stop_keeper
 if [ -n "${ARCHIVE:-}" ]; then "$PYTHON" -m cdpo.report.archive "$RUN_DIR" "$ARCHIVE"; fi
 "$PYTHON" "$REPO/report.py" "runs=[$RUN_DIR]" out="$OUT" reference=cdpo
 "$PYTHON" "$REPO/report.py" "runs=[$RUN_DIR]" out="$OUT-per_position" reference=cdpo_per_position

@@ -40,6 +40,10 @@ def test_eval_batch_size_reaches_eval_only_and_is_part_of_its_identity(tmp_path,
     assert seen == [("eval", 2)]  # another batch shape can move float rounding: evaluated again
     saved = json.loads((tmp_path / "eval" / "base.json").read_text())
     assert saved["signature"]["eval"]["batch_size"] == 2
+    seen.clear()  # the default (generation.batch_size) stays out of the identity: older evaluations stay valid
+    run_pipeline(_cfg(tmp_path, "method=baseline", "generation.batch_size=3", "eval.batch_size=3"))
+    assert seen == [("eval", 3)]
+    assert "batch_size" not in json.loads((tmp_path / "eval" / "base.json").read_text())["signature"]["eval"]
 
 
 def test_the_default_eval_batch_size_is_the_generation_one(tmp_path):
@@ -72,16 +76,19 @@ def test_a_merged_adapter_computes_what_the_adapter_on_the_base_computes(tmp_pat
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # ... and the merged copy computes the same
 
 
-def test_a_merged_evaluation_is_made_anew_and_the_base_one_is_shared(tmp_path):
+def test_a_merged_evaluation_is_made_anew_and_the_base_one_is_shared(tmp_path, monkeypatch):
     tok = load_tokenizer("embedded:smollm2-135m-instruct")
     run_pipeline(_cfg(tmp_path, "stage=sample"))
     _inject_correct_samples(RunPaths(_cfg(tmp_path)), tok)
     run_pipeline(_cfg(tmp_path, "method=dpo"))  # the tiny pipeline to the end (sft and aligned adapters)
     evaluated = {m: (tmp_path / "eval" / f"{m}.json").stat().st_mtime_ns for m in ("base", "sft")}
     before = json.loads((tmp_path / "dpo-seed0" / "eval.json").read_text())
+    merged = []
+    monkeypatch.setattr(context, "merge_and_unload", lambda m: merged.append(m) or m.merge_and_unload())
     run_pipeline(_cfg(tmp_path, "method=dpo", "stage=eval", "eval.merge_adapter=true"))
+    assert len(merged) == 2  # the sft and the aligned adapters, folded before generating
     after = json.loads((tmp_path / "dpo-seed0" / "eval.json").read_text())
-    assert after["signature"]["eval"]["merge_adapter"] is True and before["signature"]["eval"]["merge_adapter"] is False
+    assert after["signature"]["eval"]["merge_adapter"] is True and "merge_adapter" not in before["signature"]["eval"]
     assert after["questions"] == before["questions"]
     now = {m: (tmp_path / "eval" / f"{m}.json").stat().st_mtime_ns for m in ("base", "sft")}
     assert now["base"] == evaluated["base"]  # no adapter, nothing to merge: the cached evaluation

@@ -11,7 +11,9 @@ from cdpo.pipeline.artifacts import RunPaths, stage_identity
 
 ROWS = ("baseline", "sft", "dpo", "tokendpo", "rpo", "simpo", "ipo", "cdpo", "cdpo_per_position")
 # the presets a grid runs under: the defaults, the embedded Table 1 grid's and the paper's (its cDPO loss form)
-PRESETS = {"default": (), "embedded": ("+sweep=embedded",),
+# (The embedded grid's seeds became whole replicates, sample.seed = ce.seed = seed, after these were pinned:
+# a change of the preset's settings, not of how identities are computed; pinned at its seed-0 samples.)
+PRESETS = {"default": (), "embedded": ("+sweep=embedded", "sample.seed=0", "ce.seed=0"),
            "paper": ("+experiment=paper", "model=tiny", "+paper_temperature.tiny.gsm8k=0.5")}
 SHARED = ("sample", "select", "sft_pos", "sft_neg", "score")
 

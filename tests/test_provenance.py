@@ -11,6 +11,7 @@ from cdpo import provenance
 from cdpo.pipeline import run_pipeline
 from cdpo.report import build_report
 from cdpo.report.archive import archive
+from cdpo.report.cost import cost_markdown, stage_markers
 
 
 def test_a_stage_marker_records_the_machine_dtype_and_commit(tmp_path):
@@ -65,3 +66,27 @@ def test_the_report_says_what_each_stage_cost_and_where(tmp_path, caplog):
     archive(run, tmp_path / "kept")
     kept = build_report([tmp_path / "kept"], tmp_path / "k" / "t", resamples=100, wandb=False)["markdown"]
     assert kept.split("Wall time per stage")[1] == md.split("Wall time per stage")[1]
+
+
+def test_an_evaluation_served_from_cache_keeps_what_computing_it_cost(tmp_path):
+    run_pipeline(_cfg(tmp_path, "method=baseline"))
+    marker = tmp_path / "baseline-seed0" / "eval.done.json"
+    first = json.loads(marker.read_text())
+    first["seconds"], first["made_on"]["cpu"] = 1234.5, "the machine that evaluated"  # stands for a long eval
+    marker.write_text(json.dumps(first))
+    run_pipeline(_cfg(tmp_path, "method=baseline"))  # every result cached: nothing computed
+    again = json.loads(marker.read_text())
+    assert again["evaluated"] == 0 and again["seconds"] == 1234.5 and again["made_on"]["cpu"] == "the machine that evaluated"
+    run_pipeline(_cfg(tmp_path, "method=baseline", "eval.limit=2"))  # other questions: evaluated, timed anew
+    assert json.loads(marker.read_text())["seconds"] != 1234.5
+
+
+def test_a_stage_carried_over_or_archived_counts_once(tmp_path):
+    main, ablation = tmp_path / "main", tmp_path / "ablation"
+    run_pipeline(_cfg(main, "stage=sample"))
+    run_pipeline(_cfg(ablation, "stage=sample", f"reuse_from={main}"))
+    assert json.loads((ablation / "sample.done.json").read_text())["reused_from"] == str(main)
+    archive(main, tmp_path / "kept")
+    found = stage_markers([main, ablation, tmp_path / "kept"])
+    assert [stage for stage, _ in found] == ["sample"]
+    assert "| sample | 1 |" in cost_markdown(found)

@@ -211,12 +211,12 @@ def test_build_report_writes_markdown_csv_and_the_figure(tmp_path):
 
 
 # --- the shared base / SFT evaluations, the reference check, the smoothed Figure 6 -----------------
-def _write_shared(run_dir, model, data, name, correct, *, seed=0, adapter="a1", samples=None):
+def _write_shared(run_dir, model, data, name, correct, *, seed=0, adapter="a1", samples=None, ce_lr=None):
     """What the eval stage writes once per run_dir for `compare`: eval/base.json, eval/sft.json
     (`samples`: the run_dir's sample.seed and ce.seed)."""
     config = {"model": {"name": model}, "data": {"name": data}, "method": {"name": "cdpo"}, "seed": seed}
     if samples is not None:
-        config.update(sample={"seed": samples}, ce={"seed": samples})
+        config.update(sample={"seed": samples}, ce={"seed": samples, "lr": ce_lr})
     write_json(run_dir / "eval" / f"{name}.json", {
         "accuracy": mean(correct), "questions": len(correct), "correct": sum(correct), "config": config,
         "signature": {"model": model, "adapter": None if name == "base" else adapter}})
@@ -274,9 +274,13 @@ def test_sft_models_of_replicate_run_dirs_are_the_seeds_of_one_row(tmp_path, cap
     sft = sorted((r.seed, r.accuracy) for r in collect_local([root]) if r.row == "sft_pos")
     assert sft == [(0, 0.25), (1, 0.5)]
     assert "| SFT (positive CE model) | 37.5 ± 17.7 |" in Table(collect_local([root]), resamples=100).markdown()
-    # another seed on the same samples and CE seed, another SFT model: not a replicate
-    _write_shared(root / "samples1-b2", "smollm2_135m", "arith", "sft", [0] * 4, seed=2, adapter="b", samples=1)
+    # a third seed with its own samples but another CE learning rate: an ablation, not a replicate
+    _write_shared(root / "samples2", "smollm2_135m", "arith", "sft", [0] * 4, seed=2, adapter="c", samples=2, ce_lr=1e-3)
     caplog.set_level(logging.INFO, logger="cdpo")
+    assert "sft_pos" not in {r.row for r in collect_local([root])} and "left out" in caplog.text
+    caplog.clear()
+    # another seed on the same samples and CE seed, another SFT model: not a replicate either
+    _write_shared(root / "samples2", "smollm2_135m", "arith", "sft", [0] * 4, seed=2, adapter="c", samples=1)
     assert "sft_pos" not in {r.row for r in collect_local([root])} and "left out" in caplog.text
 
 

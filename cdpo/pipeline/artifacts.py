@@ -340,8 +340,9 @@ def reuse_stage(source: RunPaths, paths: RunPaths, stage: str, identity: dict) -
                 os.link(src, dst)
             except OSError:  # another file system
                 shutil.copy2(src, dst)
-    for name in (f"{stage}.config.yaml", f"{stage}.done.json"):  # the marker last: the stage is done
-        shutil.copy2(source.run / name, paths.run / name)
+    shutil.copy2(source.run / f"{stage}.config.yaml", paths.run / f"{stage}.config.yaml")
+    # the marker last (the stage is done), saying where from: the report's cost table counts its time once
+    write_json(paths.marker(stage), {**marker, "reused_from": str(source.run)})
     return True
 
 

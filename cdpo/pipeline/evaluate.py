@@ -32,8 +32,12 @@ def eval_signature(cfg: DictConfig, adapter: Path | None, questions: str | None 
     """What an evaluation result depends on; a cached result is reused only when this matches: the
     settings, the test questions' digest, the base model's and the adapter's content hashes."""
     c = OmegaConf.to_container(cfg, resolve=True)
-    if adapter is None:  # nothing to merge: the base model's evaluation is shared by merged and unmerged runs
+    # the speed settings count only where they change the computation: evaluations made before they
+    # existed (the defaults) stay valid, and a base model (nothing to merge) is shared by merged runs
+    if adapter is None or not c["eval"].get("merge_adapter"):
         c["eval"].pop("merge_adapter", None)
+    if c["eval"].get("batch_size") == c["generation"]["batch_size"]:
+        c["eval"].pop("batch_size", None)
     return {"model": c["model"], "data": c["data"], "eval": c["eval"], "generation": c["generation"],
             "model_identity": model_identity(cfg.model), "questions": questions,
             "adapter": None if adapter is None else describe(adapter)["sha256"]}
@@ -126,7 +130,7 @@ def run(cfg: DictConfig, paths: RunPaths, objective: Objective | None = None) ->
         "eval/accuracy": r["accuracy"], "eval/correct": r["correct"], "eval/questions": r["questions"],
         "eval/no_answer": r["no_answer"], "eval/per_question": per_question(own)})
     keep = ("questions", "correct", "accuracy", "no_answer", "pass_at_k")
-    return {"results": {label: {k: results[label][k] for k in keep} for label in labels}}
+    return {"results": {label: {k: results[label][k] for k in keep} for label in labels}, "evaluated": len(todo)}
 
 
 def per_question(predictions: Path) -> dict[str, int]:

@@ -15,7 +15,6 @@ from cdpo.io import recover_dir
 from cdpo.objectives import Objective, from_config as objective_of
 from cdpo.pipeline import artifacts, estimate
 from cdpo.pipeline.artifacts import RunPaths
-from cdpo.pipeline.identity import resolved_dtype
 from cdpo.pipeline.lock import run_lock
 from cdpo.stages import BY_NAME, NAMES as STAGES
 from cdpo.validation import validate
@@ -108,8 +107,10 @@ def _run_stages(cfg: DictConfig, paths: RunPaths, stages: list[str], objective: 
         t0 = time.perf_counter()
         summary = run_stage(cfg, paths, stage, objective)
         timings[stage] = round(time.perf_counter() - t0, 1)
-        made_on = {**provenance.where(_device(cfg)), "dtype": resolved_dtype(cfg.model.get("dtype"))}
-        summary = {**summary, "seconds": timings[stage], "made_on": made_on}  # the report's cost table
+        summary = {**summary, "seconds": timings[stage], "made_on": provenance.where(_device(cfg), cfg.model.get("dtype"))}
+        earlier = artifacts.read_marker(paths, stage) if summary.get("evaluated") == 0 else None
+        if earlier and "seconds" in earlier:  # every result cached: the marker keeps what computing them cost
+            summary.update(seconds=earlier["seconds"], made_on=earlier.get("made_on"))
         summaries[stage] = summary
         if not distributed.is_main_process():
             continue  # several training processes: global rank 0 writes the marker

@@ -11,6 +11,8 @@ from the copy on a fresh clone. Rerun it as results arrive: finished results are
 from __future__ import annotations
 
 import gzip
+import os
+import tempfile
 import sys
 from pathlib import Path
 
@@ -48,9 +50,14 @@ def _put(data: bytes, dst: Path) -> list[Path]:
     if dst.exists() and dst.read_bytes() == data:
         return []
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(dst)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")  # one per writer
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return [dst]
 
 

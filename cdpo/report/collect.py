@@ -138,7 +138,7 @@ def _shared_rows(roots: list[Path], methods: list[Result], rows: str) -> list[Re
             config = summary.get("config") or {}
             found[(model, data, row)].setdefault(signature, (Result(
                 model, data, row, seed, summary["accuracy"], summary["questions"], _correct(path.with_suffix(".jsonl")),
-                source=str(path)), (select(config, "sample.seed"), select(config, "ce.seed"))))
+                source=str(path)), summary))
     baseline = {(r.model, r.data) for r in methods if not r.trains}
     out = []
     for (model, data, row), by_signature in found.items():
@@ -153,12 +153,33 @@ def _shared_rows(roots: list[Path], methods: list[Result], rows: str) -> list[Re
     return out
 
 
-def _replicates(made: list[tuple[Result, tuple]]) -> bool:
-    """Whether different shared models are one row's seeds: each made from its own samples and CE seed
-    (a grid whose seed is a whole replicate, conf/sweep/embedded.yaml) under its own seed, not an
-    ablation that changed the model on the same samples."""
-    seeds, sample_sets = [r.seed for r, _ in made], [s for _, s in made]
-    return None not in sample_sets[0] and len(set(seeds)) == len(made) == len(set(sample_sets))
+REPLICATE_KEYS = ("seed", "sample.seed", "ce.seed")  # what may differ between the replicates of one row
+
+
+def _replicates(made: list[tuple[Result, dict]]) -> bool:
+    """Whether different shared models are one row's seeds: each made under its own seed from its own
+    samples and CE seed (a grid whose seed is a whole replicate, conf/sweep/embedded.yaml), with the same
+    evaluation and the same settings otherwise; not an ablation that changed the model on the same
+    samples or with other settings."""
+    def without(summary: dict, keys: tuple) -> str:
+        config = json.loads(json.dumps(summary.get("config") or {}))
+        for key in keys:
+            *parents, last = key.split(".")
+            node = config
+            for part in parents:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.pop(last, None)
+        signature = {k: v for k, v in (summary.get("signature") or {}).items() if k != "adapter"}
+        return json.dumps({"signature": signature, **{k: config.get(k) for k in SETTINGS}}, sort_keys=True)
+
+    seeds = [tuple(select(s.get("config") or {}, k) for k in REPLICATE_KEYS) for _, s in made]
+    return (None not in seeds[0] and all(len({s[i] for s in seeds}) == len(made) for i in range(len(REPLICATE_KEYS)))
+            and len({without(s, REPLICATE_KEYS) for _, s in made}) == 1)
+
+
+# the settings that make the shared SFT model (the job's own method and its seed-level dirs may differ)
+SETTINGS = ("model", "data", "sample", "select", "ce", "ce_lora", "eval", "generation")
 
 
 def _add(results: dict, result: Result) -> None:

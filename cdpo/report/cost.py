@@ -15,16 +15,24 @@ log = logging.getLogger(__name__)
 
 
 def stage_markers(runs: list[str | Path]) -> list[tuple[str, dict]]:
-    """(stage, marker) for every readable stage marker under `runs`, each file once."""
-    found = []
+    """(stage, marker) for every readable stage marker under `runs` that computed its stage: a marker
+    carried over from another run_dir (`reused_from`) and the same marker seen twice (a run dir and its
+    archive) count once."""
+    found, seen = [], set()
     for path in sorted({p.resolve() for run in runs for p in Path(run).glob("**/*.done.json")}):
         stage = path.name.removesuffix(".done.json")
         if stage not in STAGES:
             continue
         try:
-            found.append((stage, json.loads(path.read_text())))
+            marker = json.loads(path.read_text())
         except (OSError, ValueError) as e:
             log.warning(f"{path}: unreadable stage marker ({str(e)[:80]}): left out of the cost table")
+            continue
+        key = (stage, json.dumps(marker.get("identity"), sort_keys=True), marker.get("seconds"))
+        if "reused_from" in marker or (marker.get("identity") and key in seen):
+            continue
+        seen.add(key)
+        found.append((stage, marker))
     return found
 
 
