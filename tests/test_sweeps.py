@@ -18,6 +18,7 @@ from cdpo.objectives import build, grid
 from cdpo.models import load_tokenizer
 from cdpo.pipeline import run_pipeline
 from cdpo.pipeline.artifacts import RunPaths
+from cdpo.report import build_report
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEPS = sorted(p.stem for p in (REPO / "conf" / "sweep").glob("*.yaml"))
@@ -151,6 +152,9 @@ def test_embedded_grid_script_end_to_end(tmp_path):
     for method in methods:
         for seed in (0, 1):
             assert (kept / f"samples{seed}" / f"{method}-seed{seed}" / "eval.jsonl.gz").exists(), (method, seed)
+        assert (kept / f"samples{seed}" / "eval" / "sft.jsonl.gz").exists()  # each replicate's shared evaluations
+    kept_md = build_report([kept], tmp_path / "from-archive" / "t", wandb=False)["markdown"]
+    assert kept_md.split("![")[0] == md.split("![")[0]  # the same tables from the archive alone
     # the eval stage ran with the grid's speed settings: the adapters merged, 128 questions a batch
     assert json.loads((run / "samples0" / "cdpo-seed0" / "eval.json").read_text())["signature"]["eval"]["merge_adapter"] is True
     assert sum(",2,0;1," in r for r in csv_rows[1:]) == len(methods) + 1  # the SFT (positive CE model) row too

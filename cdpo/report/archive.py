@@ -2,8 +2,8 @@
 
     python -m cdpo.report.archive runs/smollm2_135m-arith-table1 docs/results/embedded-grid
 
-Copies, under the same relative paths, every evaluation summary (`<method_dir>/eval.json`,
-`eval/base.json`, `eval/sft.json`), its graded predictions and training curves gzipped (`.jsonl.gz`,
+Copies, under the same relative paths, every evaluation summary (`<method_dir>/eval.json`, each
+run_dir's `eval/base.json` and `eval/sft.json`, at any depth: a grid of replicate run_dirs), its graded predictions and training curves gzipped (`.jsonl.gz`,
 no timestamp in the gzip header, so an unchanged file gives the same bytes and git sees no change), and
 the stage markers (their identities and wall times). `report.py runs=[<dest>]` rebuilds every table
 from the copy on a fresh clone. Rerun it as results arrive: finished results are added, none removed.
@@ -24,7 +24,7 @@ def archive(run_dir: str | Path, dest: str | Path) -> list[Path]:
     run_dir, dest = Path(run_dir), Path(dest)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
-    wanted = [p for pattern in ("**/eval.json", "eval/*.json", "**/*.done.json") for p in run_dir.glob(pattern)]
+    wanted = [p for pattern in ("**/eval.json", "**/eval/*.json", "**/*.done.json") for p in run_dir.glob(pattern)]
     written = []
     for summary in sorted(set(wanted)):
         rel = summary.relative_to(run_dir)
