@@ -7,6 +7,13 @@ import time
 from tqdm.auto import tqdm
 
 
+def duration(seconds: float) -> str:
+    """A wall time as a reader takes it in: seconds, minutes or hours."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.2f} h"
+
+
 class Progress:
     """`total` units of work (sequences, pairs). `resume(n)`: units an earlier run finished (resumed shards);
     reported before the bar starts they become tqdm's `initial`, counted as done but not in the rate, so the

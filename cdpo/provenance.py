@@ -15,13 +15,19 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @functools.cache
-def cpu_model() -> str:
+def cpu_info() -> str:
+    """The text of /proc/cpuinfo (model name, flags); empty off Linux."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:  # not Linux
-        pass
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+@functools.cache
+def cpu_model() -> str:
+    for line in cpu_info().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 

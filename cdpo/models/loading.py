@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from cdpo import hub
+from cdpo import hub, provenance
 from cdpo.errors import UserError
 
 from .embedded import (
@@ -129,10 +129,7 @@ def native_bf16(device: str = "cpu", cpu_flags: str | None = None) -> bool:
     if str(device).startswith("cuda"):
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if cpu_flags is None:
-        try:
-            cpu_flags = Path("/proc/cpuinfo").read_text()
-        except OSError:  # not Linux
-            return False
+        cpu_flags = provenance.cpu_info()
     return any(flag in cpu_flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 

@@ -14,6 +14,7 @@ import time
 from omegaconf import DictConfig
 
 from cdpo.pipeline.artifacts import RunPaths, load
+from cdpo.progress import duration
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +66,7 @@ def forecast(cfg: DictConfig, paths: RunPaths, stages: list[str]) -> str | None:
     tokens = stage_tokens(cfg, pairs)
     seconds = {s: tokens[s][0] / train_rate + tokens[s][1] / forward_rate for s in todo}
     total = sum(seconds.values())
-    each = ", ".join(f"{s} {_duration(v)}" for s, v in seconds.items())
+    each = ", ".join(f"{s} {duration(v)}" for s, v in seconds.items())
     return (f"[estimate] {len(pairs)} pairs; this machine ran the model at {train_rate:.0f} tokens/s training, "
-            f"{forward_rate:.0f} forward: {', '.join(todo)} will take {_duration(total)} to {_duration(2 * total)} "
+            f"{forward_rate:.0f} forward: {', '.join(todo)} will take {duration(total)} to {duration(2 * total)} "
             f"({each}); fewer rows (data.train_limit) or a GPU shorten it")
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"

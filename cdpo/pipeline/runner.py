@@ -15,6 +15,7 @@ from cdpo.io import recover_dir
 from cdpo.objectives import Objective, from_config as objective_of
 from cdpo.pipeline import artifacts, estimate
 from cdpo.pipeline.artifacts import RunPaths
+from cdpo.pipeline.context import device_for
 from cdpo.pipeline.lock import run_lock
 from cdpo.stages import BY_NAME, NAMES as STAGES
 from cdpo.validation import validate
@@ -107,7 +108,7 @@ def _run_stages(cfg: DictConfig, paths: RunPaths, stages: list[str], objective: 
         t0 = time.perf_counter()
         summary = run_stage(cfg, paths, stage, objective)
         timings[stage] = round(time.perf_counter() - t0, 1)
-        summary = {**summary, "seconds": timings[stage], "made_on": provenance.where(_device(cfg), cfg.model.get("dtype"))}
+        summary = {**summary, "seconds": timings[stage], "made_on": provenance.where(device_for(cfg), cfg.model.get("dtype"))}
         earlier = artifacts.read_marker(paths, stage) if summary.get("evaluated") == 0 else None
         if earlier and "seconds" in earlier:  # every result cached: the marker keeps what computing them cost
             summary.update(seconds=earlier["seconds"], made_on=earlier.get("made_on"))
@@ -124,14 +125,8 @@ def _run_stages(cfg: DictConfig, paths: RunPaths, stages: list[str], objective: 
     return {"stages": summaries, "seconds": timings}
 
 
-def _device(cfg: DictConfig) -> str:
-    from cdpo.pipeline.context import device_for
-
-    return device_for(cfg)
-
-
 def _on_cpu(cfg: DictConfig) -> bool:
-    return _device(cfg) == "cpu"
+    return device_for(cfg) == "cpu"
 
 
 def _short(summary: dict) -> str:

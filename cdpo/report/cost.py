@@ -9,6 +9,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from cdpo.progress import duration
 from cdpo.stages import NAMES as STAGES
 
 log = logging.getLogger(__name__)
@@ -59,11 +60,7 @@ def cost_markdown(markers: list[tuple[str, dict]]) -> str:
         made = [m["made_on"] for m in ms if isinstance(m.get("made_on"), dict)]
         machines = sorted({_machine(m) for m in made}) or ["—"]
         code = sorted({str(m.get("code", "?")) for m in made}) or ["—"]
-        lines.append(f"| {stage} | {len(ms)} | {_duration(statistics.median(seconds))} | {_duration(sum(seconds))} "
+        lines.append(f"| {stage} | {len(ms)} | {duration(statistics.median(seconds))} | {duration(sum(seconds))} "
                      f"| {'; '.join(machines)} | {', '.join(code)} |")
-    return "\n".join([f"Wall time per stage ({_duration(total)} in all, read from the stage markers):", "",
+    return "\n".join([f"Wall time per stage ({duration(total)} in all, read from the stage markers):", "",
                       *lines, ""])
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.2f} h"
