@@ -59,7 +59,7 @@ def test_the_report_says_what_each_stage_cost_and_where(tmp_path, caplog):
     md = build_report([run], tmp_path / "r" / "t", resamples=100, wandb=False)["markdown"]
     line = next(x for x in md.splitlines() if x.startswith("| eval |"))
     assert f"{provenance.cpu_model()} (" in line and ", float32 |" in line and provenance.code_version() in line
-    assert "| select | 1 | 7 s | 7 s | — | — |" in md
+    assert "| select | 1 | 7 s | 7 s | — | — | — |" in md
     assert "score" not in md.split("Wall time per stage")[1] and "score.done.json: unreadable stage marker" in caplog.text
     assert md.index("| select |") < md.index("| eval |")  # pipeline order
     # the archive keeps the markers: the same table without the run
@@ -90,3 +90,27 @@ def test_a_stage_carried_over_or_archived_counts_once(tmp_path):
     found = stage_markers([main, ablation, tmp_path / "kept"])
     assert [stage for stage, _ in found] == ["sample"]
     assert "| sample | 1 |" in cost_markdown(found)
+
+
+def test_the_cpu_time_leaves_out_a_pause_that_the_wall_time_counts(tmp_path, monkeypatch):
+    """A stage kept waiting (here 2 s of sleep, as under SIGSTOP or a crowded machine): its wall time grows,
+    its CPU time does not, and the cost table shows both."""
+    import time
+
+    from cdpo.pipeline import runner
+
+    real = runner.run_stage
+
+    def paused(cfg, paths, stage, objective):
+        time.sleep(2.0)
+        return real(cfg, paths, stage, objective)
+
+    monkeypatch.setattr(runner, "run_stage", paused)
+    run_pipeline(_cfg(tmp_path, "method=baseline"))
+    marker = json.loads((tmp_path / "baseline-seed0" / "eval.done.json").read_text())
+    assert marker["seconds"] >= 2.0 and 0 < marker["cpu_seconds"] < marker["seconds"] - 1.5
+    line = next(x for x in cost_markdown(stage_markers([tmp_path])).splitlines() if x.startswith("| eval |"))
+    assert line.split(" | ")[4] == f"{marker['cpu_seconds']:.0f} s"
+    older = {**marker, "cpu_seconds": None}  # a marker of a version that did not record it
+    mixed = cost_markdown([("eval", marker), ("eval", older)])
+    assert f"| {marker['cpu_seconds']:.0f} s (1 of 2 runs) |" in mixed

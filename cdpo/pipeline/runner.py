@@ -105,13 +105,16 @@ def _run_stages(cfg: DictConfig, paths: RunPaths, stages: list[str], objective: 
             log.info(estimate.forecast(cfg, paths, stages[stages.index(stage):]) or "[estimate] no pairs yet")
         log.info(f"[{stage}] running")
         L.seed_everything(stage_seed(cfg, stage), verbose=False)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         summary = run_stage(cfg, paths, stage, objective)
         timings[stage] = round(time.perf_counter() - t0, 1)
-        summary = {**summary, "seconds": timings[stage], "made_on": provenance.where(device_for(cfg), cfg.model.get("dtype"))}
+        # CPU time of this process's threads: unlike wall time it does not grow while the process is paused
+        # or waits for a shared machine, so the cost table can tell a slow stage from a crowded machine
+        summary = {**summary, "seconds": timings[stage], "cpu_seconds": round(time.process_time() - cpu0, 1),
+                   "made_on": provenance.where(device_for(cfg), cfg.model.get("dtype"))}
         earlier = artifacts.read_marker(paths, stage) if summary.get("evaluated") == 0 else None
         if earlier and "seconds" in earlier:  # every result cached: the marker keeps what computing them cost
-            summary.update(seconds=earlier["seconds"], made_on=earlier.get("made_on"))
+            summary.update({k: earlier.get(k) for k in ("seconds", "cpu_seconds", "made_on")})
         summaries[stage] = summary
         if not distributed.is_main_process():
             continue  # several training processes: global rank 0 writes the marker
@@ -130,7 +133,7 @@ def _on_cpu(cfg: DictConfig) -> bool:
 
 
 def _short(summary: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, (dict, list)) and k != "seconds")
+    return ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, (dict, list)) and k not in ("seconds", "cpu_seconds"))
 
 
 def results_table(results: dict) -> str:

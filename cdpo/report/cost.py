@@ -51,7 +51,8 @@ def cost_markdown(markers: list[tuple[str, dict]]) -> str:
             by_stage[stage].append(marker)
     if not by_stage:
         return ""
-    lines = ["| stage | runs | median | total | machine, dtype | code |", "|---|---|---|---|---|---|"]
+    lines = ["| stage | runs | median | total | CPU time, total | machine, dtype | code |",
+             "|---|---|---|---|---|---|---|"]
     total = 0.0
     for stage in (s for s in STAGES if s in by_stage):
         ms = by_stage[stage]
@@ -61,6 +62,15 @@ def cost_markdown(markers: list[tuple[str, dict]]) -> str:
         machines = sorted({_machine(m) for m in made}) or ["—"]
         code = sorted({str(m.get("code", "?")) for m in made}) or ["—"]
         lines.append(f"| {stage} | {len(ms)} | {duration(statistics.median(seconds))} | {duration(sum(seconds))} "
-                     f"| {'; '.join(machines)} | {', '.join(code)} |")
-    return "\n".join([f"Wall time per stage ({duration(total)} in all, read from the stage markers):", "",
-                      *lines, ""])
+                     f"| {_cpu_time(ms)} | {'; '.join(machines)} | {', '.join(code)} |")
+    return "\n".join([f"Wall time per stage ({duration(total)} in all, read from the stage markers; wall time "
+                      "includes any pause or wait for a shared machine, the CPU time of the stage's process "
+                      "does not):", "", *lines, ""])
+
+
+def _cpu_time(markers: list[dict]) -> str:
+    """The CPU seconds of the markers that recorded them (markers of older versions did not)."""
+    cpu = [m["cpu_seconds"] for m in markers if isinstance(m.get("cpu_seconds"), (int, float))]
+    if not cpu:
+        return "—"
+    return duration(sum(cpu)) + ("" if len(cpu) == len(markers) else f" ({len(cpu)} of {len(markers)} runs)")
