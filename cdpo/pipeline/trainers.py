@@ -1,7 +1,7 @@
 """The Trainer of a training stage, with its logger and callbacks, all from config.
 
 - `trainer`: every key is a Lightning `Trainer` argument (`+trainer.deterministic=true`,
-  `trainer.limit_train_batches=0.5`) except `strategy` (built by `cdpo.distributed`) and
+  `+trainer.limit_train_batches=0.5`) except `strategy` (built by `cdpo.distributed`) and
   `checkpoint_every_n_steps` (a resumable last checkpoint); the stage sets epochs, gradient
   accumulation, logger and callbacks itself.
 - `logger`: `_target_` names a Lightning logger class and the other keys are its arguments; each
