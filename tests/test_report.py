@@ -2,6 +2,7 @@
 run directories and from a (fake) wandb API, and the files it writes."""
 import csv
 import io
+import json
 import logging
 import math
 from statistics import mean, stdev
@@ -268,7 +269,8 @@ def test_sft_models_of_replicate_run_dirs_are_the_seeds_of_one_row(tmp_path, cap
     ablation, whose row is left out."""
     root = tmp_path / "grid"
     for seed in (0, 1):
-        _write_run(root / f"samples{seed}", "smollm2_135m", "arith", "cdpo", seed, [1, 1, 1, seed])
+        _write_run(root / f"samples{seed}", "smollm2_135m", "arith", "cdpo", seed, [1, 1, 1, seed],
+                   sample={"seed": seed}, ce={"seed": seed})
         _write_shared(root / f"samples{seed}", "smollm2_135m", "arith", "sft", [1, 0, 0, seed], seed=seed,
                       adapter=f"a{seed}", samples=seed)
     sft = sorted((r.seed, r.accuracy) for r in collect_local([root]) if r.row == "sft_pos")
@@ -346,3 +348,98 @@ def test_an_archived_run_gives_the_same_report_without_the_run(tmp_path):
     from_run = build_report([run], tmp_path / "a" / "t", resamples=300)["markdown"]
     from_archive = build_report([kept], tmp_path / "b" / "t", resamples=300)["markdown"]
     assert from_archive == from_run and "SFT (positive CE model)" in from_archive and len(written) > 10
+
+
+def _replicate(root, method, seed, correct, **extra):
+    """A method's result in the embedded grid's layout: seed k is a replicate, its own samples and CE seed."""
+    return _write_run(root / f"samples{seed}", "smollm2_135m", "arith", method, seed, correct,
+                      sample={"seed": seed}, ce={"seed": seed}, **extra)
+
+
+def test_a_partial_grid_compares_rows_on_the_sample_sets_both_have(tmp_path):
+    """Seeds run fastest within a method, so mid-grid the reference may lack a replicate that other rows have.
+    DPO equals cDPO in every replicate, and replicate 2 is a much worse sample set that cDPO has not run yet:
+    no difference, and no star (compared across all seeds the worse sample set counted as +16 points)."""
+    root = tmp_path / "grid"
+    n = 60
+    good, bad = [int(i % 10 != 0) for i in range(n)], [int(i % 2 == 0) for i in range(n)]
+    for seed in (0, 1, 2):
+        _replicate(root, "dpo", seed, bad if seed == 2 else good)
+    for seed in (0, 1):
+        _replicate(root, "cdpo", seed, good)
+    _replicate(root, "ipo", 2, bad)            # a row of replicate 2 only: no sample set in common with cDPO
+    for seed in (0, 1):                        # the SFT model of two of the three sample sets
+        _write_shared(root / f"samples{seed}", "smollm2_135m", "arith", "sft", good, seed=seed,
+                      adapter=f"a{seed}", samples=seed)
+    table = Table(collect_local([root]), resamples=500)
+    col = ("smollm2_135m", "arith")
+    dpo = table.tests[(col, "dpo")]
+    assert dpo["delta"] == 0.0 and dpo["p_bootstrap"] == 1.0 and dpo["seeds"] == "0, 1" and dpo["matched"]
+    ipo = table.tests[(col, "ipo")]
+    assert not ipo["matched"] and ipo["seeds"] == "0, 1 vs 2 (no sample set in common)"
+    assert ipo["delta"] > 30 and ipo["p_bootstrap"] < 0.005  # a large difference, yet across sample sets
+    md = table.markdown()
+    assert "| + cDPO | 90.0 ± 0.0 (n=2) |" in md  # no star: DPO is no worse, IPO only across sample sets
+    assert "| SFT (positive CE model) | 90.0 ± 0.0 (n=2) |" in md  # 2 SFT models for 3 sample sets
+    assert "| 0, 1 vs 2 (no sample set in common) |" in table.significance_markdown()
+    rows = {r["method.name"]: r for r in csv.DictReader(io.StringIO(table.csv()))}
+    assert rows["dpo"]["tested_on_seeds"] == "0;1" and rows["cdpo"]["tested_on_seeds"] == ""
+    # once cDPO has replicate 2 and IPO the others, all three count
+    _replicate(root, "cdpo", 2, bad)
+    for seed in (0, 1):
+        _replicate(root, "ipo", seed, good)
+    table = Table(collect_local([root]), resamples=500)
+    assert table.tests[(col, "dpo")]["seeds"] == "0, 1, 2" and table.tests[(col, "ipo")]["delta"] == 0.0
+
+
+def test_results_of_one_column_must_come_from_the_same_test(tmp_path):
+    """An archive keeps every result it was given: a row evaluated on an earlier test split, beside rows of
+    the current one, is refused, naming both."""
+    root = tmp_path / "grid"
+
+    def with_test(method, seed, correct, limit):
+        run = _replicate(root, method, seed, correct)
+        summary = json.loads((run / "eval.json").read_text())
+        summary["signature"] = {"questions": f"digest-{limit}", "model_identity": "m", "data": {"grading": "strict"},
+                                "eval": {"limit": limit, "n": 1, "batch_size": 128 if method == "cdpo" else 32},
+                                "adapter": method}
+        write_json(run / "eval.json", summary)
+
+    with_test("cdpo", 0, [1, 1, 0, 1], 4)
+    with_test("dpo", 0, [1, 0, 0, 1], 4)       # another batch size and adapter: the same test
+    assert {r.row for r in collect_local([root])} == {"cdpo", "dpo"}
+    with_test("ipo", 0, [1] * 8, 8)
+    with pytest.raises(DataError, match=r"smollm2_135m / arith: .*(cdpo|dpo)-seed0 and .*ipo-seed0 were evaluated "
+                                        r"on different tests \(they differ in eval, questions\)"):
+        collect_local([root])
+
+
+def test_predictions_that_do_not_add_up_to_their_summary_are_refused(tmp_path):
+    """An archive pass cut short between a result's predictions and its summary (here: the summary's copy
+    fails after the new predictions were written) leaves the old summary beside the new predictions: the
+    report refuses them, naming both files, and the next pass mends the archive."""
+    from cdpo.report import archive as archive_module
+
+    root, kept = tmp_path / "grid", tmp_path / "kept"
+    _replicate(root, "cdpo", 0, [1, 1, 0, 0])
+    archive_module.archive(root, kept)
+    _replicate(root, "cdpo", 0, [1, 1, 1, 1, 1, 0])  # evaluated again, on more questions
+    real_copy = archive_module._copy
+
+    def cut(src, dst):
+        if src.name == "eval.json":
+            raise KeyboardInterrupt  # the pass is killed here
+        return real_copy(src, dst)
+
+    archive_module._copy = cut
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            archive_module.archive(root, kept)
+    finally:
+        archive_module._copy = real_copy
+    with pytest.raises(DataError, match=r"eval.jsonl.gz: 5 of 6 questions right, but its summary .*eval.json says "
+                                        r"2 of 4: the two files come from different evaluations"):
+        collect_local([kept])
+    archive_module.archive(root, kept)
+    [result] = collect_local([kept])
+    assert (result.accuracy, len(result.correct)) == (5 / 6, 6)

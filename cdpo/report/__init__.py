@@ -45,7 +45,9 @@ def build_report(runs: list[str], out: str | Path, *, rows: str = "method.name",
         f"Each row against {table.label(reference, short=True)} on the questions both answered: Δ in "
         f"accuracy points with a 95 % paired-bootstrap interval ({resamples} resamples of the questions; with "
         f"several seeds a question scores the fraction of seeds that solved it), and McNemar's exact test per "
-        f"seed (matched by seed number), of which the largest p is shown:", "", table.significance_markdown(),
+        f"seed (matched by seed number), of which the largest p is shown. Both rows are taken on the sample sets "
+        f"they share (`seeds`: a replicate's samples and CE models); rows that share none are compared across "
+        f"sample sets, said so, and never starred:", "", table.significance_markdown(),
         *(f"![{f.stem}: chosen (solid) and rejected (dashed) log-probs during training]({f.name})\n"
           for f in figures), cost_markdown(stage_markers(runs))])
     md_path, csv_path = out.parent / f"{out.name}.md", out.parent / f"{out.name}.csv"

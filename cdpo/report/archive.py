@@ -24,16 +24,18 @@ def archive(run_dir: str | Path, dest: str | Path) -> list[Path]:
     run_dir, dest = Path(run_dir), Path(dest)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
-    wanted = [p for pattern in ("**/eval.json", "**/eval/*.json", "**/*.done.json") for p in run_dir.glob(pattern)]
+    summaries = sorted({p for pattern in ("**/eval.json", "**/eval/*.json") for p in run_dir.glob(pattern)})
     written = []
-    for summary in sorted(set(wanted)):
-        rel = summary.relative_to(run_dir)
-        written += _copy(summary, dest / rel)
-        if summary.name.endswith(".done.json"):
-            continue
+    # a result's predictions and curves first, its summary next, the stage markers last: a pass cut short
+    # leaves an older summary beside newer predictions at worst, which report.py refuses (collect._correct),
+    # never a summary that claims predictions it does not have
+    for summary in summaries:
         for jsonl in (summary.with_suffix(".jsonl"), summary.parent / "metrics.jsonl"):
             if jsonl.exists() and (jsonl.name != "metrics.jsonl" or summary.name == "eval.json"):
                 written += _copy_gz(jsonl, dest / jsonl.relative_to(run_dir).with_suffix(".jsonl.gz"))
+        written += _copy(summary, dest / summary.relative_to(run_dir))
+    for marker in sorted(run_dir.glob("**/*.done.json")):
+        written += _copy(marker, dest / marker.relative_to(run_dir))
     return written
 
 

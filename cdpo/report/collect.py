@@ -37,6 +37,8 @@ class Result:
     source: str = ""
     label: str | None = None                   # the report's label of its method (from its objective)
     trains: bool = True                        # False: the base model as it is (the baseline objective)
+    test: str | None = None                    # the test it was evaluated on (collect._test_of)
+    samples: tuple | None = None               # its sample set: (sample.seed, ce.seed), None where not recorded
 
     @property
     def key(self) -> tuple[str, str, str, int]:
@@ -87,10 +89,53 @@ def collect_local(roots: Iterable[str | os.PathLike], rows: str = "method.name")
             summary = json.loads(path.read_text())
             model, data, row, seed = _identity(summary.get("config") or {}, rows, str(path))
             result = Result(model, data, row, seed, summary["accuracy"], summary["questions"],
-                            _correct(path.with_suffix(".jsonl")), _history(path.parent / "metrics.jsonl"),
-                            str(path.parent), *_objective_facts(summary.get("config") or {}, rows))
+                            _correct(path, summary), _history(path.parent / "metrics.jsonl"),
+                            str(path.parent), *_objective_facts(summary.get("config") or {}, rows),
+                            test=_test_of(summary), samples=sample_set(summary.get("config") or {}))
             _add(results, result)
-    return [*results.values(), *_shared_rows(roots, list(results.values()), rows)]
+    found = [*results.values(), *_shared_rows(roots, list(results.values()), rows)]
+    _one_test_per_column(found)
+    return found
+
+
+def sample_set(config: dict) -> tuple | None:
+    """(sample.seed, ce.seed): what a result's samples and CE models were made from; None where the config
+    does not say (results of older versions: taken as one sample set)."""
+    found = (select(config, "sample.seed"), select(config, "ce.seed"))
+    return None if found == (None, None) else found
+
+
+# what makes two evaluations the same test (the adapter and the speed settings aside)
+_SPEED = ("batch_size", "merge_adapter")
+
+
+def _test_of(summary: dict) -> str | None:
+    """The questions, base model, grading and decoding an evaluation used, from its signature (None:
+    a summary of a version that wrote none)."""
+    sig = summary.get("signature")
+    if not isinstance(sig, dict):
+        return None
+    test = {"questions": sig.get("questions"), "model_identity": sig.get("model_identity"),
+            "grading": (sig.get("data") or {}).get("grading"),
+            "eval": {k: v for k, v in (sig.get("eval") or {}).items() if k not in _SPEED}}
+    return json.dumps(test, sort_keys=True)
+
+
+def _one_test_per_column(results: list[Result]) -> None:
+    """The results of one model x data set must come from the same test: an archive keeps every result it
+    was given, so a result of an earlier setting (another test split, grading or decoding) would otherwise
+    sit in the table and its paired tests beside the current ones."""
+    first: dict[tuple, Result] = {}
+    for r in results:
+        if r.test is None:
+            continue
+        seen = first.setdefault((r.model, r.data), r)
+        if seen.test != r.test:
+            a, b = json.loads(seen.test), json.loads(r.test)
+            differ = ", ".join(k for k in a if a[k] != b[k])
+            raise DataError(f"{r.model} / {r.data}: {seen.source} and {r.source} were evaluated on different tests "
+                            f"(they differ in {differ}). Remove the stale result (an archive keeps every result "
+                            "it was given) or point runs= at one setting")
 
 
 def _objective_facts(config: dict, rows: str) -> tuple[str | None, bool]:
@@ -115,9 +160,19 @@ def _objective_facts(config: dict, rows: str) -> tuple[str | None, bool]:
     return objective.row_label, objective.trains
 
 
-def _correct(predictions: Path) -> dict[str, int] | None:
-    predictions = _stored(predictions)
-    return {r["id"]: int(r["samples"][0]["correct"]) for r in read_jsonl(predictions)} if predictions else None
+def _correct(summary_path: Path, summary: dict) -> dict[str, int] | None:
+    """Per question, whether the first answer is right, from the predictions beside the summary; refused when
+    they do not add up to the summary (a copy of one evaluation's summary beside another's predictions)."""
+    predictions = _stored(summary_path.with_suffix(".jsonl"))
+    if predictions is None:
+        return None
+    correct = {r["id"]: int(r["samples"][0]["correct"]) for r in read_jsonl(predictions)}
+    told = summary.get("correct", round(summary["accuracy"] * summary["questions"]))
+    if (len(correct), sum(correct.values())) != (summary["questions"], told):
+        raise DataError(f"{predictions}: {sum(correct.values())} of {len(correct)} questions right, but its summary "
+                        f"{summary_path} says {told} of {summary['questions']}: the two files come from different "
+                        "evaluations (copy or archive them again)")
+    return correct
 
 
 def _shared_rows(roots: list[Path], methods: list[Result], rows: str) -> list[Result]:
@@ -135,10 +190,9 @@ def _shared_rows(roots: list[Path], methods: list[Result], rows: str) -> list[Re
             summary = json.loads(path.read_text())
             model, data, _, seed = _identity(summary.get("config") or {}, None, str(path))
             signature = json.dumps(summary.get("signature") or str(path), sort_keys=True)
-            config = summary.get("config") or {}
             found[(model, data, row)].setdefault(signature, (Result(
-                model, data, row, seed, summary["accuracy"], summary["questions"], _correct(path.with_suffix(".jsonl")),
-                source=str(path)), summary))
+                model, data, row, seed, summary["accuracy"], summary["questions"], _correct(path, summary),
+                source=str(path), test=_test_of(summary), samples=sample_set(summary.get("config") or {})), summary))
     baseline = {(r.model, r.data) for r in methods if not r.trains}
     out = []
     for (model, data, row), by_signature in found.items():
@@ -213,7 +267,8 @@ def collect_wandb(api, path: str, rows: str = "method.name") -> list[Result]:
             per_question = s.get("eval/per_question")
             evals[key] = Result(*key, accuracy=float(s["eval/accuracy"]), questions=int(s["eval/questions"]),
                                 correct={str(k): int(v) for k, v in dict(per_question).items()} if per_question else None,
-                                source=f"wandb:{path}/{run.id}", **dict(zip(("label", "trains"),
+                                source=f"wandb:{path}/{run.id}", samples=sample_set(config),
+                                **dict(zip(("label", "trains"),
                                                                             _objective_facts(config, rows))))
         elif job.startswith("align_") and key not in curves:
             curves[key] = [{"step": r.get("trainer/global_step", r.get("_step")), **{k: r[k] for k in CURVES if k in r}}

@@ -19,6 +19,10 @@ DATA_NAMES = {"gsm8k": "GSM8K", "math500": "MATH500", "arith": "arith"}
 log = logging.getLogger(__name__)
 
 
+def _seeds(results: list[Result]) -> str:
+    return ", ".join(str(r.seed) for r in results)
+
+
 def _order(names, preferred) -> list:
     known = [n for n in preferred if n in names]
     return known + sorted(n for n in names if n not in preferred)
@@ -100,7 +104,15 @@ class Table:
 
     # --- significance ------------------------------------------------------------------------
     def _compare(self, col, row, resamples, seed) -> dict | None:
+        """The row against the reference on the sample sets both have (`Result.samples`: in the embedded grid
+        each seed is a replicate with its own samples and CE models, so a sample set only one of the two
+        has would count as a method effect). The base row is the untrained model, the same for every
+        sample set. Rows that share no sample set are compared across them, marked so and never starred."""
         ref, other = self.by_cell[(col, self.reference)], self.by_cell[(col, row)]
+        common = {r.samples for r in ref} & {r.samples for r in other}
+        matched = row == "base" or bool(common)
+        if row != "base" and common:
+            ref, other = [r for r in ref if r.samples in common], [r for r in other if r.samples in common]
         if any(r.correct is None for r in ref + other):
             return None  # a result without per-question predictions
         questions = sorted(set.intersection(*(set(r.correct) for r in ref + other)))
@@ -111,24 +123,26 @@ class Table:
             return [mean(r.correct[q] for r in results) for q in questions]
 
         boot = paired_bootstrap(score(ref), score(other), resamples=resamples, seed=seed)
-        # McNemar needs one binary outcome per question and method: test each seed (matched by seed,
-        # or every combination when the two share none) and keep the least significant
+        # McNemar needs one binary outcome per question and method: test each seed (matched by seed, or
+        # every combination when the two share none) and keep the least significant
         pairs = [(x, y) for x in ref for y in other if x.seed == y.seed] or [(x, y) for x in ref for y in other]
         mc = max((mcnemar_exact([x.correct[q] for q in questions], [y.correct[q] for q in questions])
                   for x, y in pairs), key=lambda m: m["p"])
         return {"questions": len(questions), "delta": 100 * boot["delta"], "ci_low": 100 * boot["ci_low"],
                 "ci_high": 100 * boot["ci_high"], "p_bootstrap": boot["p"], "p_mcnemar": mc["p"],
-                "ref_only": mc["n10"], "other_only": mc["n01"]}
+                "ref_only": mc["n10"], "other_only": mc["n01"], "matched": matched,
+                "seeds": _seeds(ref) if matched else f"{_seeds(ref)} vs {_seeds(other)} (no sample set in common)"}
 
     def p(self, col, row) -> float | None:
         t = self.tests.get((col, row))
         return None if t is None else t["p_bootstrap" if self.test == "bootstrap" else "p_mcnemar"]
 
     def significant(self, col) -> bool:
-        """The reference beats every other row of the column with p < alpha."""
+        """The reference beats every other row of the column with p < alpha, each on the sample sets both have."""
         others = [row for row in self.rows if row != self.reference and (col, row) in self.tests]
         return bool(others) and all(self.tests[(col, row)] is not None and self.tests[(col, row)]["delta"] > 0
-                                    and self.p(col, row) < self.alpha for row in others)
+                                    and self.tests[(col, row)]["matched"] and self.p(col, row) < self.alpha
+                                    for row in others)
 
     # --- output ------------------------------------------------------------------------------
     def _header(self) -> list[tuple[str, object]]:
@@ -145,10 +159,13 @@ class Table:
 
     def markdown(self) -> str:
         header = self._header()
-        # the most common seed count of the methods (base and SFT: one evaluation each, of one model)
+        # the most common seed count of the methods (base: one evaluation of the untrained model; SFT: one
+        # per sample set, flagged when a sample set of the methods has none)
         own = [row for row in self.rows if row not in SHARED_ROWS] or self.rows
         seeds = [len(c["seeds"]) for col in self.columns for row in own if (c := self.cell(col, row))]
         usual = max(set(seeds), key=lambda k: (seeds.count(k), k))
+        sample_sets = {col: len({r.samples for row in own for r in self.by_cell.get((col, row), [])})
+                       for col in self.columns}
         lines = ["| " + " | ".join([self._row_title(), *(t for t, _ in header)]) + " |",
                  "|---" * (len(header) + 1) + "|"]
         for row in self.rows:
@@ -156,7 +173,8 @@ class Table:
             for _, spec in header:
                 v = self._value(spec, row)
                 text = "" if v is None else f"{v['mean']:.1f}" + ("" if v["std"] is None else f" ± {v['std']:.1f}")
-                if v is not None and spec[0] != "avg" and len(v["seeds"]) != usual and row in own:
+                expected = sample_sets.get(spec) if row == "sft_pos" else usual  # one SFT model per sample set
+                if v is not None and spec[0] != "avg" and row != "base" and len(v["seeds"]) != expected:
                     text += f" (n={len(v['seeds'])})"
                 if v is not None and spec[0] != "avg" and row == self.reference and self.significant(spec):
                     text += "*"
@@ -174,22 +192,24 @@ class Table:
     def significance_markdown(self) -> str:
         ref = self.label(self.reference, short=True)
         lines = [f"| column | {ref} vs | Δ (points) | 95 % CI | p, paired bootstrap | p, McNemar exact (worst seed) | "
-                 f"only {ref} right / only other right (that seed) | questions |", "|---|---|---|---|---|---|---|---|"]
+                 f"only {ref} right / only other right (that seed) | questions | seeds |",
+                 "|---|---|---|---|---|---|---|---|---|"]
         for (col, row), t in self.tests.items():
             title = f"{DATA_NAMES.get(col[1], col[1])} {MODEL_NAMES.get(col[0], col[0])}"
             if t is None:
-                lines.append(f"| {title} | {self.label(row)} | no per-question predictions | | | | | |")
+                lines.append(f"| {title} | {self.label(row)} | no per-question predictions | | | | | | |")
                 continue
             lines.append(f"| {title} | {self.label(row)} | {t['delta']:+.1f} | "
                          f"[{t['ci_low']:+.1f}, {t['ci_high']:+.1f}] | {t['p_bootstrap']:.4g} | {t['p_mcnemar']:.4g} | "
-                         f"{t['ref_only']} / {t['other_only']} | {t['questions']} |")
+                         f"{t['ref_only']} / {t['other_only']} | {t['questions']} | {t['seeds']} |")
         return "\n".join(lines) + "\n"
 
     def csv(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf)
         w.writerow(["model", "data", self.rows_key, "n_seeds", "seeds", "accuracies", "mean", "std",
-                    f"{self.reference}_minus_row", "ci_low", "ci_high", "p_bootstrap", "p_mcnemar", "questions"])
+                    f"{self.reference}_minus_row", "ci_low", "ci_high", "p_bootstrap", "p_mcnemar", "questions",
+                    "tested_on_seeds"])
         for title, spec in self._header():
             for row in self.rows:
                 v = self._value(spec, row)
@@ -200,7 +220,7 @@ class Table:
                 w.writerow([model, data, row, len(v["seeds"]), ";".join(map(str, v["seeds"])),
                             ";".join(f"{a:.2f}" for a in v["accuracies"]), f"{v['mean']:.2f}",
                             "" if v["std"] is None else f"{v['std']:.2f}",
-                            *(["", "", "", "", "", ""] if t is None else
+                            *([""] * 7 if t is None else
                               [f"{t['delta']:.2f}", f"{t['ci_low']:.2f}", f"{t['ci_high']:.2f}",
-                               f"{t['p_bootstrap']:.4g}", f"{t['p_mcnemar']:.4g}", t["questions"]])])
+                               f"{t['p_bootstrap']:.4g}", f"{t['p_mcnemar']:.4g}", t["questions"], t["seeds"].replace(", ", ";")])])
         return buf.getvalue()
