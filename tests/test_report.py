@@ -261,6 +261,8 @@ def test_base_and_sft_evaluations_of_each_run_dir_are_rows(tmp_path, caplog):
     assert rows == {"base", "cdpo"} and "'SFT (positive CE model)' left out for smollm2_135m / arith" in caplog.text
     _write_run(root, "smollm2_135m", "arith", "baseline", 0, base)
     assert sorted(r.row for r in collect_local([root])) == ["baseline", "cdpo", "cdpo"]
+    other.joinpath("eval", "sft.json").unlink()  # one SFT model again: the baseline method still comes first
+    assert Table(collect_local([root]), resamples=100).rows == ["baseline", "sft_pos", "cdpo"]
 
 
 def test_sft_models_of_replicate_run_dirs_are_the_seeds_of_one_row(tmp_path, caplog):
