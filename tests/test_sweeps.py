@@ -146,7 +146,7 @@ def test_embedded_grid_script_end_to_end(tmp_path):
     # cDPO against each other row: the other methods and the shared SFT (positive CE model) row
     assert sum(line.startswith("| arith tiny |") for line in md.splitlines()) == len(methods) - 1 + 1
     csv_rows = (out.parent / "embedded.csv").read_text().splitlines()
-    assert len(csv_rows) == 1 + len(methods) + 1 and ",sft_pos,2," in csv_rows[1]
+    assert len(csv_rows) == 1 + len(methods) + 1 and ",baseline,2," in csv_rows[1] and ",sft_pos,2," in csv_rows[2]
     passes = [line for line in log.splitlines() if "file(s) written under" in line]
     assert any(not line.startswith("0 ") for line in passes[:-1]), passes  # copied during the grid, not only at its end
     for method in methods:
