@@ -37,7 +37,7 @@ class Result:
     source: str = ""
     label: str | None = None                   # the report's label of its method (from its objective)
     trains: bool = True                        # False: the base model as it is (the baseline objective)
-    test: str | None = None                    # the test it was evaluated on (collect._test_of)
+    test: dict | None = None                   # the test it was evaluated on (collect._test_of)
     samples: tuple | None = None               # its sample set: (sample.seed, ce.seed), None where not recorded
 
     @property
@@ -87,11 +87,12 @@ def collect_local(roots: Iterable[str | os.PathLike], rows: str = "method.name")
             raise FileNotFoundError(f"{root}: no such run directory")
         for path in sorted(root.rglob("eval.json")):
             summary = json.loads(path.read_text())
-            model, data, row, seed = _identity(summary.get("config") or {}, rows, str(path))
+            config = summary.get("config") or {}
+            model, data, row, seed = _identity(config, rows, str(path))
             result = Result(model, data, row, seed, summary["accuracy"], summary["questions"],
                             _correct(path, summary), _history(path.parent / "metrics.jsonl"),
-                            str(path.parent), *_objective_facts(summary.get("config") or {}, rows),
-                            test=_test_of(summary), samples=sample_set(summary.get("config") or {}))
+                            str(path.parent), *_objective_facts(config, rows),
+                            test=_test_of(summary), samples=sample_set(config))
             _add(results, result)
     found = [*results.values(), *_shared_rows(roots, list(results.values()), rows)]
     _one_test_per_column(found)
@@ -109,16 +110,15 @@ def sample_set(config: dict) -> tuple | None:
 _SPEED = ("batch_size", "merge_adapter")
 
 
-def _test_of(summary: dict) -> str | None:
+def _test_of(summary: dict) -> dict | None:
     """The questions, base model, grading and decoding an evaluation used, from its signature (None:
     a summary of a version that wrote none)."""
     sig = summary.get("signature")
     if not isinstance(sig, dict):
         return None
-    test = {"questions": sig.get("questions"), "model_identity": sig.get("model_identity"),
+    return {"questions": sig.get("questions"), "model_identity": sig.get("model_identity"),
             "grading": (sig.get("data") or {}).get("grading"),
             "eval": {k: v for k, v in (sig.get("eval") or {}).items() if k not in _SPEED}}
-    return json.dumps(test, sort_keys=True)
 
 
 def _one_test_per_column(results: list[Result]) -> None:
@@ -131,8 +131,7 @@ def _one_test_per_column(results: list[Result]) -> None:
             continue
         seen = first.setdefault((r.model, r.data), r)
         if seen.test != r.test:
-            a, b = json.loads(seen.test), json.loads(r.test)
-            differ = ", ".join(k for k in a if a[k] != b[k])
+            differ = ", ".join(k for k in sorted(seen.test) if seen.test[k] != r.test[k])
             raise DataError(f"{r.model} / {r.data}: {seen.source} and {r.source} were evaluated on different tests "
                             f"(they differ in {differ}). Remove the stale result (an archive keeps every result "
                             "it was given) or point runs= at one setting")

@@ -32,8 +32,8 @@ def _row_order(rows: set[str], rows_key: str) -> list[str]:
     shared = [r for r in SHARED_ROWS if r in rows]  # base and SFT first, as in Table 1
     rows = rows - set(shared)
     if rows_key == "method.name":  # Table 1's order (the baseline method first), then the user's own methods
-        untrained = [r for r in ("baseline",) if r in rows]
-        return untrained + shared + _order(rows - set(untrained), list(METHODS))
+        first = ["baseline"] if "baseline" in rows else []
+        return first + shared + _order(rows - {"baseline"}, list(METHODS))
     try:  # ablation values: numbers in numeric order
         return shared + sorted(rows, key=float)
     except ValueError:
