@@ -25,9 +25,16 @@ def report(cfg: DictConfig) -> None:
     report = build_report([to_absolute_path(r) for r in runs], to_absolute_path(cfg.out), rows=cfg.rows,
                           reference=str(cfg.reference), test=cfg.test, alpha=cfg.alpha,
                           resamples=cfg.resamples, wandb=cfg.wandb, wandb_path=cfg.wandb_path,
-                          smoothing=cfg.smoothing)
+                          smoothing=cfg.smoothing, expect_rows=_names(cfg.expect.rows), expect_seeds=cfg.expect.seeds)
     print(report["markdown"])
     print("wrote " + ", ".join(str(f) for f in report["files"]))
+
+
+def _names(rows) -> list[str] | None:
+    """A list, or one string of comma-separated rows (what `${cdpo_grid:NAME}` gives a sweep)."""
+    if rows is None or isinstance(rows, str):
+        return None if rows is None else [r.strip() for r in rows.split(",") if r.strip()]
+    return [str(r) for r in rows]
 
 
 if __name__ == "__main__":

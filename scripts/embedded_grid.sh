@@ -38,6 +38,7 @@ fi
 "$PYTHON" "$REPO/train.py" -m +sweep=embedded run_dir="$RUN_DIR"'/samples${sample.seed}' "$@"
 stop_keeper
 if [ -n "${ARCHIVE:-}" ]; then "$PYTHON" -m cdpo.report.archive "$RUN_DIR" "$ARCHIVE"; fi
-"$PYTHON" "$REPO/report.py" "runs=[$RUN_DIR]" out="$OUT" reference=cdpo
-"$PYTHON" "$REPO/report.py" "runs=[$RUN_DIR]" out="$OUT-per_position" reference=cdpo_per_position
+EXPECT='expect.rows=${cdpo_grid:embedded}'   # the report names the rows still missing (seeds: those some row has)
+"$PYTHON" "$REPO/report.py" "runs=[$RUN_DIR]" out="$OUT" reference=cdpo "$EXPECT"
+"$PYTHON" "$REPO/report.py" "runs=[$RUN_DIR]" out="$OUT-per_position" reference=cdpo_per_position "$EXPECT"
 echo "grid wall time: $((SECONDS - START)) s (train.py -m and both reports)"

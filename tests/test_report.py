@@ -386,12 +386,21 @@ def test_a_partial_grid_compares_rows_on_the_sample_sets_both_have(tmp_path):
     assert "| 0, 1 vs 2 (no sample set in common) |" in table.significance_markdown()
     rows = {r["method.name"]: r for r in csv.DictReader(io.StringIO(table.csv()))}
     assert rows["dpo"]["tested_on_seeds"] == "0;1" and rows["cdpo"]["tested_on_seeds"] == ""
+    # the report says the grid is partial, naming what it lacks (the seeds: those some method row has)
+    assert table.missing() == ["SFT (positive CE model): seed 2 missing", "IPO: seeds 0, 1 missing",
+                               "cDPO: seed 2 missing"]
+    assert "**Partial grid**, not yet its answer: SFT (positive CE model): seed 2 missing; IPO" in md
+    expected = Table(collect_local([root]), resamples=10, expect_rows=["dpo", "rpo", "cdpo"], expect_seeds=[0, 1, 2, 3])
+    assert expected.missing()[0] == "no results: RPO" and "DPO: seed 3 missing" in expected.missing()
     # once cDPO has replicate 2 and IPO the others, all three count
     _replicate(root, "cdpo", 2, bad)
     for seed in (0, 1):
         _replicate(root, "ipo", seed, good)
+    for seed in (2,):
+        _write_shared(root / f"samples{seed}", "smollm2_135m", "arith", "sft", bad, seed=seed, adapter="a2", samples=2)
     table = Table(collect_local([root]), resamples=500)
     assert table.tests[(col, "dpo")]["seeds"] == "0, 1, 2" and table.tests[(col, "ipo")]["delta"] == 0.0
+    assert table.missing() == [] and "Partial grid" not in table.markdown()  # complete: nothing named
 
 
 def test_results_of_one_column_must_come_from_the_same_test(tmp_path):

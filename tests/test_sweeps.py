@@ -3,6 +3,7 @@ hold the same grids, and the embedded Table-1 grid runs end to end (multirun + r
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -155,6 +156,15 @@ def test_embedded_grid_script_end_to_end(tmp_path):
         assert (kept / f"samples{seed}" / "eval" / "sft.jsonl.gz").exists()  # each replicate's shared evaluations
     kept_md = build_report([kept], tmp_path / "from-archive" / "t", wandb=False)["markdown"]
     assert kept_md.split("![")[0] == md.split("![")[0]  # the same tables from the archive alone
+    assert "Partial grid" not in md  # the script's report expects the grid's rows: all are there
+    # an archive lacking one row's seed and one row: the report, as the script calls it, names both
+    for gone in ("samples1/ipo-seed1", "samples0/rpo-seed0", "samples1/rpo-seed1"):
+        shutil.rmtree(kept / gone)
+    partial = subprocess.run([sys.executable, str(REPO / "report.py"), f"runs=[{kept}]", f"out={tmp_path / 'p' / 't'}",
+                              "wandb=false", "expect.rows=${cdpo_grid:embedded}"],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert partial.returncode == 0, partial.stderr[-3000:]
+    assert "**Partial grid**, not yet its answer: no results: RPO; IPO: seed 1 missing." in partial.stdout
     # the eval stage ran with the grid's speed settings: the adapters merged, 128 questions a batch
     assert json.loads((run / "samples0" / "cdpo-seed0" / "eval.json").read_text())["signature"]["eval"]["merge_adapter"] is True
     assert sum(",2,0;1," in r for r in csv_rows[1:]) == len(methods) + 1  # the SFT (positive CE model) row too

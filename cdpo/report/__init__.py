@@ -14,9 +14,11 @@ __all__ = ["Result", "Table", "build_report", "collect_local", "collect_wandb", 
 
 def build_report(runs: list[str], out: str | Path, *, rows: str = "method.name", reference: str = "cdpo",
                  test: str = "bootstrap", alpha: float = 0.005, resamples: int = 10_000, wandb: str | bool = "auto",
-                 wandb_path: str = "cdpo", smoothing: float = SMOOTHING, api=None) -> dict:
+                 wandb_path: str = "cdpo", smoothing: float = SMOOTHING, expect_rows: list[str] | None = None,
+                 expect_seeds: list[int] | None = None, api=None) -> dict:
     """Collect, tabulate, test, plot; write <out>.md, <out>.csv and <out>-<model>-<data>-logps.png
-    (`smoothing`: the curves' EMA weight, 0 for the raw points only)."""
+    (`smoothing`: the curves' EMA weight, 0 for the raw points only; `expect_rows` / `expect_seeds`: the
+    grid the report should cover, whose missing rows and seeds it names)."""
     results = collect_local(runs, rows) if runs else []
     if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0 <= smoothing < 1:
         raise ValueError(f"smoothing={smoothing!r}: the EMA weight of the past, a number in [0, 1) (0: no smoothing)")
@@ -29,7 +31,8 @@ def build_report(runs: list[str], out: str | Path, *, rows: str = "method.name",
 
             api = wandb_lib.Api()
         results = merge(results, collect_wandb(api, wandb_path, rows))
-    table = Table(results, rows_key=rows, reference=reference, test=test, alpha=alpha, resamples=resamples)
+    table = Table(results, rows_key=rows, reference=reference, test=test, alpha=alpha, resamples=resamples,
+                  expect_rows=expect_rows, expect_seeds=expect_seeds)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figures = []

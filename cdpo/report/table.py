@@ -58,12 +58,17 @@ class Table:
         return row_label(row, self.rows_key, short, self.labels)
 
     def __init__(self, results: list[Result], *, rows_key: str = "method.name", reference: str = "cdpo",
-                 test: str = "bootstrap", alpha: float = 0.005, resamples: int = 10_000, seed: int = 0):
+                 test: str = "bootstrap", alpha: float = 0.005, resamples: int = 10_000, seed: int = 0,
+                 expect_rows: list[str] | None = None, expect_seeds: list[int] | None = None):
+        """`expect_rows` / `expect_seeds`: the grid the results should cover, so that `missing` names what a
+        partial grid lacks (rows: also what the results have; seeds: by default every seed some row has)."""
         if test not in ("bootstrap", "mcnemar"):
             raise ValueError(f"test={test!r}: choose bootstrap or mcnemar")
         if not results:
             raise ValueError("no results to report")
         self.rows_key, self.reference, self.test, self.alpha = rows_key, reference, test, alpha
+        self.expect_rows = [str(r) for r in expect_rows or []]
+        self.expect_seeds = None if expect_seeds is None else sorted(int(s) for s in expect_seeds)
         self.by_cell: dict[tuple, list[Result]] = defaultdict(list)
         for r in results:
             self.by_cell[((r.model, r.data), r.row)].append(r)
@@ -145,6 +150,33 @@ class Table:
                                     and self.tests[(col, row)]["matched"] and self.p(col, row) < self.alpha
                                     for row in others)
 
+    # --- completeness ------------------------------------------------------------------------
+    def missing(self) -> list[str]:
+        """What a partial grid lacks, per column: expected rows with no result, and rows short of seeds (each
+        method row: `expect_seeds`, else every seed a method row of the column has; the SFT row: one per
+        sample set of the methods). Until they arrive the star compares the reference with the rows present."""
+        out = []
+        for col in self.columns:
+            where = f" ({self._title(col)})" if len(self.columns) > 1 else ""
+            own = [r for row in self.rows if row not in SHARED_ROWS for r in self.by_cell.get((col, row), [])]
+            seeds = self.expect_seeds if self.expect_seeds is not None else sorted({r.seed for r in own})
+            absent = [row for row in self.expect_rows if not self.by_cell.get((col, row))]
+            if absent:
+                out.append(f"no results{where}: " + ", ".join(self.label(row, short=True) for row in absent))
+            for row in self.rows:
+                have = self.by_cell.get((col, row), [])
+                if row == "base" or not have:
+                    continue
+                if row == "sft_pos":
+                    sets = {r.samples for r in have}
+                    lacking = sorted({r.seed for r in own if r.samples not in sets})
+                else:
+                    lacking = sorted(set(seeds) - {r.seed for r in have})
+                if lacking:
+                    seeds_word = "seeds" if len(lacking) > 1 else "seed"
+                    out.append(f"{self.label(row, short=True)}{where}: {seeds_word} {', '.join(map(str, lacking))} missing")
+        return out
+
     # --- output ------------------------------------------------------------------------------
     def _header(self) -> list[tuple[str, object]]:
         """(title, column or ('avg', columns)) in display order."""
@@ -182,10 +214,19 @@ class Table:
                 cells.append(text)
             lines.append("| " + " | ".join([self.label(row), *cells]) + " |")
         test = "paired bootstrap over questions" if self.test == "bootstrap" else "McNemar's exact test"
+        missing = self.missing()
         lines += ["", f"Accuracy (%), mean ± sample std over {usual} seed(s) (n=k: k seeds in that cell). "
                   f"\\* {self.label(self.reference, short=True)} is better than every other row of the column "
                   f"with p < {self.alpha:g} ({test})."]
+        if missing:
+            lines += ["", f"**Partial grid**, not yet its answer: {'; '.join(missing)}. Until they arrive, a cell's mean "
+                      f"covers only its seeds present and the star compares {self.label(self.reference, short=True)} "
+                      "with the rows present only."]
         return "\n".join(lines) + "\n"
+
+    @staticmethod
+    def _title(col) -> str:
+        return f"{DATA_NAMES.get(col[1], col[1])} {MODEL_NAMES.get(col[0], col[0])}"
 
     def _row_title(self) -> str:
         return "Method" if self.rows_key == "method.name" else self.rows_key
@@ -196,7 +237,7 @@ class Table:
                  f"only {ref} right / only other right (that seed) | questions | seeds |",
                  "|---|---|---|---|---|---|---|---|---|"]
         for (col, row), t in self.tests.items():
-            title = f"{DATA_NAMES.get(col[1], col[1])} {MODEL_NAMES.get(col[0], col[0])}"
+            title = self._title(col)
             if t is None:
                 lines.append(f"| {title} | {self.label(row)} | no per-question predictions | | | | | | |")
                 continue
