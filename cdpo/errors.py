@@ -26,7 +26,9 @@ class SettingsConflictError(UserError):
 
 
 class LockError(UserError):
-    """The run directory is in use by another job (and lock_timeout_s ran out)."""
+    """The run directory is in use by another job (and lock_timeout_s ran out); `holder` says which."""
+
+    holder = "another job"
 
 
 class Stopped(BaseException):

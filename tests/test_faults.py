@@ -21,7 +21,7 @@ from cdpo.io import read_jsonl, write_jsonl
 from cdpo.models import load_tokenizer
 from cdpo.pipeline import run_pipeline
 from cdpo.pipeline.artifacts import RunPaths, accept, stage_identity
-from cdpo.pipeline.lock import run_lock
+from cdpo.lock import run_lock
 
 # Byte-level results: the comparison runs (in this process, one torch thread) and the killed
 # subprocesses must compute alike, so the subprocesses get one thread too.

@@ -5,6 +5,7 @@ import io
 import json
 import logging
 import math
+import os
 from statistics import mean, stdev
 
 import numpy as np
@@ -454,3 +455,33 @@ def test_predictions_that_do_not_add_up_to_their_summary_are_refused(tmp_path):
     archive_module.archive(root, kept)
     [result] = collect_local([kept])
     assert (result.accuracy, len(result.correct)) == (5 / 6, 6)
+
+
+def test_the_archive_leaves_a_run_dir_with_a_job_in_it_for_the_next_pass(tmp_path):
+    """A replicate's method re-aligned while the keeper archives: its new curve is half written beside its old
+    evaluation. The run_dir's job holds its lock, so the pass copies only the other run_dirs and says which it
+    left; the pass after the job copies the new result whole."""
+    from cdpo.lock import run_lock
+    from cdpo.report.archive import archive
+
+    root, kept = tmp_path / "grid", tmp_path / "kept"
+    curve = [(-10.0, -12.0), (-9.5, -15.0)]
+    runs = [_replicate(root, "cdpo", seed, [1, 1, 0, 0], curve=curve) for seed in (0, 1)]
+    for run in runs:
+        (run.parent.parent / ".lock").touch()  # a job ran in each replicate's run_dir
+    archive(root, kept)
+    kept1 = kept / runs[1].relative_to(root)
+    old_curve = (kept1 / "metrics.jsonl.gz").read_bytes()
+    dpo = _replicate(root, "dpo", 0, [1, 0, 0, 0])  # a new result of replicate 0, finished
+    skipped = []
+    with run_lock(root / "samples1" / ".lock", timeout_s=0):  # the job re-aligning replicate 1's cDPO
+        write_jsonl(runs[1] / "metrics.jsonl", [{"step": 0, "loss": 0.7}])  # half a curve
+        written = archive(root, kept, skipped)
+    assert kept / dpo.relative_to(root) / "eval.json" in written
+    assert written and all("samples1" not in str(f) for f in written)
+    assert (kept1 / "metrics.jsonl.gz").read_bytes() == old_curve
+    [line] = skipped
+    assert line.startswith(f"{root / 'samples1'}: left for the next pass, a job is writing there (pid {os.getpid()}")
+    _replicate(root, "cdpo", 1, [1, 1, 1, 0])  # the job finished: evaluated again
+    assert kept1 / "eval.json" in archive(root, kept)
+    assert {r.key: r.accuracy for r in collect_local([kept])}[("smollm2_135m", "arith", "cdpo", 1)] == 0.75

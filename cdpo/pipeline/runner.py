@@ -16,7 +16,7 @@ from cdpo.objectives import Objective, from_config as objective_of
 from cdpo.pipeline import artifacts, estimate
 from cdpo.pipeline.artifacts import RunPaths
 from cdpo.pipeline.context import device_for
-from cdpo.pipeline.lock import run_lock
+from cdpo.lock import run_lock
 from cdpo.stages import BY_NAME, NAMES as STAGES
 from cdpo.validation import validate
 

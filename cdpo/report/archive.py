@@ -7,6 +7,10 @@ run_dir's `eval/base.json` and `eval/sft.json`, at any depth: a grid of replicat
 no timestamp in the gzip header, so an unchanged file gives the same bytes and git sees no change), and
 the stage markers (their identities and wall times). `report.py runs=[<dest>]` rebuilds every table
 from the copy on a fresh clone. Rerun it as results arrive: finished results are added, none removed.
+
+A run_dir with a job in it (its `.lock` held: a stage rewriting predictions, curves or markers) is
+skipped for that pass and said so; the others are copied under their lock, so a job never writes
+into a run_dir while its files are copied and the copy never mixes an old result with a new one.
 """
 from __future__ import annotations
 
@@ -16,15 +20,36 @@ import tempfile
 import sys
 from pathlib import Path
 
-SUMMARIES = ("eval.json", "eval/base.json", "eval/sft.json")
+from cdpo.errors import LockError
+from cdpo.lock import run_lock
 
-
-def archive(run_dir: str | Path, dest: str | Path) -> list[Path]:
-    """Copy `run_dir`'s results into `dest`; returns the files written or replaced."""
+def archive(run_dir: str | Path, dest: str | Path, skipped: list[str] | None = None) -> list[Path]:
+    """Copy the results of `run_dir` (a run_dir, or a folder of them) into `dest`, one run_dir at a time
+    under its lock; returns the files written or replaced. `skipped` gets a line per run_dir left for the
+    next pass because a job holds it."""
     run_dir, dest = Path(run_dir), Path(dest)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
-    summaries = sorted({p for pattern in ("**/eval.json", "**/eval/*.json") for p in run_dir.glob(pattern)})
+    owners = sorted({p.parent for p in run_dir.glob("**/.lock")}, key=lambda p: -len(p.parts))  # deepest first
+    files = sorted({p for pattern in ("**/eval.json", "**/eval/*.json", "**/*.done.json") for p in run_dir.glob(pattern)})
+    groups: dict[Path | None, list[Path]] = {}
+    for f in files:  # each file with the innermost run_dir holding it (None: no job ever locked one)
+        groups.setdefault(next((o for o in owners if o in f.parents), None), []).append(f)
+    written, skipped = [], skipped if skipped is not None else []
+    for owner, group in groups.items():
+        if owner is None:
+            written += _copy_results(run_dir, dest, group)
+            continue
+        try:
+            with run_lock(owner / ".lock", timeout_s=0):
+                written += _copy_results(run_dir, dest, group)
+        except LockError as e:
+            skipped.append(f"{owner}: left for the next pass, a job is writing there ({e.holder})")
+    return written
+
+
+def _copy_results(run_dir: Path, dest: Path, files: list[Path]) -> list[Path]:
+    summaries = [f for f in files if not f.name.endswith(".done.json")]
     written = []
     # a result's predictions and curves first, its summary next, the stage markers last: a pass cut short
     # leaves an older summary beside newer predictions at worst, which report.py refuses (collect._correct),
@@ -34,7 +59,7 @@ def archive(run_dir: str | Path, dest: str | Path) -> list[Path]:
             if jsonl.exists() and (jsonl.name != "metrics.jsonl" or summary.name == "eval.json"):
                 written += _copy_gz(jsonl, dest / jsonl.relative_to(run_dir).with_suffix(".jsonl.gz"))
         written += _copy(summary, dest / summary.relative_to(run_dir))
-    for marker in sorted(run_dir.glob("**/*.done.json")):
+    for marker in (f for f in files if f.name.endswith(".done.json")):
         written += _copy(marker, dest / marker.relative_to(run_dir))
     return written
 
@@ -66,5 +91,6 @@ def _put(data: bytes, dst: Path) -> list[Path]:
 if __name__ == "__main__":
     if len(sys.argv) != 3:
         sys.exit("usage: python -m cdpo.report.archive <run_dir> <dest>")
-    files = archive(sys.argv[1], sys.argv[2])
-    print(f"{len(files)} file(s) written under {sys.argv[2]}")
+    skipped: list[str] = []
+    files = archive(sys.argv[1], sys.argv[2], skipped)
+    print("\n".join([*skipped, f"{len(files)} file(s) written under {sys.argv[2]}"]))

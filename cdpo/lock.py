@@ -44,8 +44,10 @@ def run_lock(path: Path, timeout_s: float | None = None, *, poll_s: float = 1.0)
                 break
             except BlockingIOError:
                 if timeout_s is not None and time.monotonic() - t0 >= timeout_s:
-                    raise LockError(f"{path.parent} is in use by {_holder(f)}; wait for it to finish (lock_timeout_s="
-                                    f"{timeout_s}: null waits for ever), or use another run_dir") from None
+                    error = LockError(f"{path.parent} is in use by {_holder(f)}; wait for it to finish (lock_timeout_s="
+                                      f"{timeout_s}: null waits for ever), or use another run_dir")
+                    error.holder = _holder(f)
+                    raise error from None
                 if not told:
                     log.warning(f"[lock] {path.parent} is in use by {_holder(f)}: waiting for it")
                     told = True
