@@ -25,7 +25,7 @@ def report(cfg: DictConfig) -> None:
     report = build_report([to_absolute_path(r) for r in runs], to_absolute_path(cfg.out), rows=cfg.rows,
                           reference=str(cfg.reference), test=cfg.test, alpha=cfg.alpha,
                           resamples=cfg.resamples, wandb=cfg.wandb, wandb_path=cfg.wandb_path,
-                          smoothing=cfg.smoothing, expect_rows=_names(cfg.expect.rows), expect_seeds=cfg.expect.seeds)
+                          smoothing=cfg.smoothing, expect_rows=_names(cfg.expect.rows), expect_seeds=_seeds(cfg.expect.seeds))
     print(report["markdown"])
     print("wrote " + ", ".join(str(f) for f in report["files"]))
 
@@ -35,6 +35,12 @@ def _names(rows) -> list[str] | None:
     if rows is None or isinstance(rows, str):
         return None if rows is None else [r.strip() for r in rows.split(",") if r.strip()]
     return [str(r) for r in rows]
+
+
+def _seeds(seeds) -> list[int] | None:
+    if seeds is not None and (isinstance(seeds, (str, int, float)) or not all(isinstance(s, int) for s in seeds)):
+        raise ValueError(f"expect.seeds={seeds!r}: a list of seeds, e.g. expect.seeds=[0,1,2]")
+    return None if seeds is None else list(seeds)
 
 
 if __name__ == "__main__":

@@ -61,3 +61,21 @@ def run_lock(path: Path, timeout_s: float | None = None, *, poll_s: float = 1.0)
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def read_lock(path: Path):
+    """Held while a reader copies a run_dir (the archive): shared with other readers, never with a job, and
+    refused at once (LockError, `holder` naming the job) while a job holds the run_dir. The lock file is
+    opened read-only, so a reader needs no write access and leaves the holder's line as it was."""
+    with Path(path).open("r") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            error = LockError(f"{Path(path).parent} is in use by {_holder(f)}")
+            error.holder = _holder(f)
+            raise error from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

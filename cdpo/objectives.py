@@ -316,7 +316,11 @@ METHODS: dict[str, Method] = {
 
 def grid(name: str) -> list[str]:
     """The methods of sweep preset `name`, in Table 1's order (conf/sweep/<name>.yaml lists them: a test checks)."""
-    return [method for method, m in METHODS.items() if name in m.grids]
+    methods = [method for method, m in METHODS.items() if name in m.grids]
+    if not methods:  # a misspelt name would sweep, or expect, nothing
+        grids = sorted({g for m in METHODS.values() for g in m.grids})
+        raise ConfigError(f"grid {name!r}: no method lists it; the grids are {', '.join(grids)}")
+    return methods
 
 
 def build(name: str, **settings) -> Objective:

@@ -13,7 +13,7 @@ import pytest
 from scipy import stats as sps
 
 from cdpo.io import DataError, write_json, write_jsonl
-from cdpo.report import Table, build_report, collect_local, collect_wandb
+from cdpo.report import Result, Table, build_report, collect_local, collect_wandb
 from cdpo.report.stats import mcnemar_exact, paired_bootstrap
 
 
@@ -393,6 +393,8 @@ def test_a_partial_grid_compares_rows_on_the_sample_sets_both_have(tmp_path):
     assert "**Partial grid**, not yet its answer: SFT (positive CE model): seed 2 missing; IPO" in md
     expected = Table(collect_local([root]), resamples=10, expect_rows=["dpo", "rpo", "cdpo"], expect_seeds=[0, 1, 2, 3])
     assert expected.missing()[0] == "no results: RPO" and "DPO: seed 3 missing" in expected.missing()
+    # the base and SFT rows are the pipeline's own: never missing by name (the base row is absent beside baselines)
+    assert Table(collect_local([root]), resamples=10, expect_rows=["base", "sft_pos"]).missing() == table.missing()
     # once cDPO has replicate 2 and IPO the others, all three count
     _replicate(root, "cdpo", 2, bad)
     for seed in (0, 1):
@@ -402,6 +404,19 @@ def test_a_partial_grid_compares_rows_on_the_sample_sets_both_have(tmp_path):
     table = Table(collect_local([root]), resamples=500)
     assert table.tests[(col, "dpo")]["seeds"] == "0, 1, 2" and table.tests[(col, "ipo")]["delta"] == 0.0
     assert table.missing() == [] and "Partial grid" not in table.markdown()  # complete: nothing named
+
+
+def test_a_partial_ablation_or_column_is_named():
+    """An ablation's rows are numbers (`expect.rows=[0.5,1,2]` from Hydra: `1` is the row "1.0"), and a
+    column whose seeds lag another's is partial too (the seeds: those some method row has in any column)."""
+    def result(data, row, seed):
+        return Result("tiny", data, row, seed, 0.5, 2, {"q0": 1, "q1": 0})
+
+    ablation = Table([result("arith", "1.0", 0), result("arith", "0.5", 0)], rows_key="ce.b", reference="1.0",
+                     resamples=10, expect_rows=[0.5, 1, 2])
+    assert ablation.missing() == ["no results: ce.b=2"]
+    columns = Table([result("gsm8k", "cdpo", s) for s in (0, 1, 2)] + [result("math500", "cdpo", 0)], resamples=10)
+    assert columns.missing() == ["cDPO (MATH500 tiny): seeds 1, 2 missing"]
 
 
 def test_results_of_one_column_must_come_from_the_same_test(tmp_path):
@@ -460,16 +475,30 @@ def test_predictions_that_do_not_add_up_to_their_summary_are_refused(tmp_path):
 def test_the_archive_leaves_a_run_dir_with_a_job_in_it_for_the_next_pass(tmp_path):
     """A replicate's method re-aligned while the keeper archives: its new curve is half written beside its old
     evaluation. The run_dir's job holds its lock, so the pass copies only the other run_dirs and says which it
-    left; the pass after the job copies the new result whole."""
+    left; a job that stopped after aligning (`stage=align`) leaves an evaluation of the earlier adapter, which
+    waits too; the pass after the new evaluation copies the new result whole."""
     from cdpo.lock import run_lock
     from cdpo.report.archive import archive
 
     root, kept = tmp_path / "grid", tmp_path / "kept"
     curve = [(-10.0, -12.0), (-9.5, -15.0)]
-    runs = [_replicate(root, "cdpo", seed, [1, 1, 0, 0], curve=curve) for seed in (0, 1)]
+
+    def aligned_and_evaluated(seed, correct, aligned, evaluated):
+        run = _replicate(root, "cdpo", seed, correct, curve=curve)
+        summary = json.loads((run / "eval.json").read_text())
+        write_json(run / "eval.json", {**summary, "signature": {"adapter": evaluated}})
+        write_json(run / "align.done.json", {"steps": 2, "artifacts": {"adapter": {"sha256": aligned}}})
+        return run
+
+    runs = [aligned_and_evaluated(seed, [1, 1, 0, 0], "a", "a") for seed in (0, 1)]
     for run in runs:
         (run.parent.parent / ".lock").touch()  # a job ran in each replicate's run_dir
+    holder = '{"pid": 1, "host": "h", "since": "then", "command": "train.py"}'
+    (root / "samples0" / ".lock").write_text(holder)  # who last held it: the archive only reads it
+    lone = _write_run(root / "by-hand", "smollm2_135m", "arith", "ipo", 0, [1, 0])  # never locked
     archive(root, kept)
+    assert (kept / lone.relative_to(root) / "eval.json").exists()
+    assert (root / "samples0" / ".lock").read_text() == holder
     kept1 = kept / runs[1].relative_to(root)
     old_curve = (kept1 / "metrics.jsonl.gz").read_bytes()
     dpo = _replicate(root, "dpo", 0, [1, 0, 0, 0])  # a new result of replicate 0, finished
@@ -482,6 +511,10 @@ def test_the_archive_leaves_a_run_dir_with_a_job_in_it_for_the_next_pass(tmp_pat
     assert (kept1 / "metrics.jsonl.gz").read_bytes() == old_curve
     [line] = skipped
     assert line.startswith(f"{root / 'samples1'}: left for the next pass, a job is writing there (pid {os.getpid()}")
-    _replicate(root, "cdpo", 1, [1, 1, 1, 0])  # the job finished: evaluated again
+    write_json(runs[1] / "align.done.json", {"steps": 2, "artifacts": {"adapter": {"sha256": "b"}}})  # stopped here
+    skipped = []
+    assert archive(root, kept, skipped) == [] and (kept1 / "metrics.jsonl.gz").read_bytes() == old_curve
+    assert skipped == [f"{runs[1]}: left until it is evaluated again, its evaluation is of an earlier alignment"]
+    aligned_and_evaluated(1, [1, 1, 1, 0], "b", "b")  # evaluated again
     assert kept1 / "eval.json" in archive(root, kept)
     assert {r.key: r.accuracy for r in collect_local([kept])}[("smollm2_135m", "arith", "cdpo", 1)] == 0.75

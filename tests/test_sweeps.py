@@ -14,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from test_pipeline import TINY, _cfg, _inject_correct_samples
 
+from cdpo.errors import ConfigError
 from cdpo.io import read_jsonl
 from cdpo.objectives import build, grid
 from cdpo.models import load_tokenizer
@@ -56,6 +57,8 @@ def test_sweep_presets_cover_table1_and_the_ablations():
     # the paper's grids keep their rows when an objective is added (its entry lists no grid unless it says so)
     assert grid("embedded") == [*grid("table1"), "cdpo_per_position"]
     assert len(table1["+experiment"]) * len(table1["method"]) * len(table1["seed"]) == 6 * 8 * 3
+    with pytest.raises(ConfigError, match="grid 'embeded': no method lists it; the grids are embedded, table1"):
+        grid("embeded")  # a misspelt grid would sweep, or expect in a report, nothing
 
 
 @pytest.mark.parametrize("name", SWEEPS)
@@ -157,12 +160,13 @@ def test_embedded_grid_script_end_to_end(tmp_path):
     kept_md = build_report([kept], tmp_path / "from-archive" / "t", wandb=False)["markdown"]
     assert kept_md.split("![")[0] == md.split("![")[0]  # the same tables from the archive alone
     assert "Partial grid" not in md  # the script's report expects the grid's rows: all are there
-    # an archive lacking one row's seed and one row: the report, as the script calls it, names both
+    # the script on a grid lacking one row's seed and one row (a copy of the archive; one job, the baseline of
+    # seed 0, evaluated again there): its report names both
     for gone in ("samples1/ipo-seed1", "samples0/rpo-seed0", "samples1/rpo-seed1"):
         shutil.rmtree(kept / gone)
-    partial = subprocess.run([sys.executable, str(REPO / "report.py"), f"runs=[{kept}]", f"out={tmp_path / 'p' / 't'}",
-                              "wandb=false", "expect.rows=${cdpo_grid:embedded}"],
-                             capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    partial = subprocess.run(["bash", str(REPO / "scripts" / "embedded_grid.sh"), *TINY, "method=baseline", "seed=0",
+                              f"hydra.sweep.dir={tmp_path / 'multirun2'}"], capture_output=True, text=True, timeout=600,
+                             cwd=tmp_path, env={**env, "RUN_DIR": str(kept), "OUT": str(tmp_path / "p" / "t"), "ARCHIVE": ""})
     assert partial.returncode == 0, partial.stderr[-3000:]
     assert "**Partial grid**, not yet its answer: no results: RPO; IPO: seed 1 missing." in partial.stdout
     # the eval stage ran with the grid's speed settings: the adapters merged, 128 questions a batch

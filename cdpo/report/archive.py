@@ -9,19 +9,22 @@ the stage markers (their identities and wall times). `report.py runs=[<dest>]` r
 from the copy on a fresh clone. Rerun it as results arrive: finished results are added, none removed.
 
 A run_dir with a job in it (its `.lock` held: a stage rewriting predictions, curves or markers) is
-skipped for that pass and said so; the others are copied under their lock, so a job never writes
-into a run_dir while its files are copied and the copy never mixes an old result with a new one.
+skipped for that pass and said so; the others are copied under a shared lock (read-only: no write
+access needed), so a job never writes into a run_dir while its files are copied. A method re-aligned
+by a job that stopped before evaluating (its evaluation names another adapter than its align marker)
+waits for its new evaluation: the copy never pairs an old result with new curves.
 """
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import tempfile
 import sys
 from pathlib import Path
 
 from cdpo.errors import LockError
-from cdpo.lock import run_lock
+from cdpo.lock import read_lock
 
 def archive(run_dir: str | Path, dest: str | Path, skipped: list[str] | None = None) -> list[Path]:
     """Copy the results of `run_dir` (a run_dir, or a folder of them) into `dest`, one run_dir at a time
@@ -38,17 +41,31 @@ def archive(run_dir: str | Path, dest: str | Path, skipped: list[str] | None = N
     written, skipped = [], skipped if skipped is not None else []
     for owner, group in groups.items():
         if owner is None:
-            written += _copy_results(run_dir, dest, group)
+            written += _copy_results(run_dir, dest, group, skipped)
             continue
         try:
-            with run_lock(owner / ".lock", timeout_s=0):
-                written += _copy_results(run_dir, dest, group)
+            with read_lock(owner / ".lock"):
+                written += _copy_results(run_dir, dest, group, skipped)
         except LockError as e:
             skipped.append(f"{owner}: left for the next pass, a job is writing there ({e.holder})")
     return written
 
 
-def _copy_results(run_dir: Path, dest: Path, files: list[Path]) -> list[Path]:
+def _evaluated_before_aligned(summary: Path) -> bool:
+    """A method's evaluation of another adapter than the one its align marker records: re-aligned by a job
+    that stopped before evaluating (`stage=align`), so its curves are newer than its result."""
+    marker = summary.parent / "align.done.json"
+    if summary.name != "eval.json" or not marker.exists():
+        return False
+    evaluated = (json.loads(summary.read_text()).get("signature") or {}).get("adapter")
+    aligned = ((json.loads(marker.read_text()).get("artifacts") or {}).get("adapter") or {}).get("sha256")
+    return None not in (evaluated, aligned) and evaluated != aligned
+
+
+def _copy_results(run_dir: Path, dest: Path, files: list[Path], skipped: list[str]) -> list[Path]:
+    stale = {f.parent for f in files if _evaluated_before_aligned(f)}
+    skipped += [f"{d}: left until it is evaluated again, its evaluation is of an earlier alignment" for d in sorted(stale)]
+    files = [f for f in files if f.parent not in stale]
     summaries = [f for f in files if not f.name.endswith(".done.json")]
     written = []
     # a result's predictions and curves first, its summary next, the stage markers last: a pass cut short

@@ -40,6 +40,21 @@ def _row_order(rows: set[str], rows_key: str) -> list[str]:
         return shared + sorted(rows)
 
 
+def _as_row(value, rows: set[str]) -> str:
+    """An expected row as the results name it: `1` is the row "1.0" of an ablation's numbers."""
+    value, number = str(value), _number(str(value))
+    if value in rows or number is None:
+        return value
+    return next((r for r in sorted(rows) if _number(r) == number), value)
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 def row_label(row: str, rows_key: str, short: bool = False, labels: dict[str, str] | None = None) -> str:
     """"+ cDPO" in the table, "cDPO" in prose (short); "ce.b=0.5" for an ablation. `labels`: row -> the label
     its results' objective gives (`Result.label`: also a user's own class); else the registry's, else the name."""
@@ -67,7 +82,7 @@ class Table:
         if not results:
             raise ValueError("no results to report")
         self.rows_key, self.reference, self.test, self.alpha = rows_key, reference, test, alpha
-        self.expect_rows = [str(r) for r in expect_rows or []]
+        self.expect_rows = [_as_row(r, {x.row for x in results}) for r in expect_rows or []]
         self.expect_seeds = None if expect_seeds is None else sorted(int(s) for s in expect_seeds)
         self.by_cell: dict[tuple, list[Result]] = defaultdict(list)
         for r in results:
@@ -153,14 +168,15 @@ class Table:
     # --- completeness ------------------------------------------------------------------------
     def missing(self) -> list[str]:
         """What a partial grid lacks, per column: expected rows with no result, and rows short of seeds (each
-        method row: `expect_seeds`, else every seed a method row of the column has; the SFT row: one per
-        sample set of the methods). Until they arrive the star compares the reference with the rows present."""
+        method row: `expect_seeds`, else every seed a method row of any column has; the SFT row: one per
+        sample set of the methods; the base and SFT rows are the pipeline's own, never expected by name). Until they arrive the star compares the reference with the rows present."""
         out = []
+        everywhere = {r.seed for (_, row), rs in self.by_cell.items() if row not in SHARED_ROWS for r in rs}
+        seeds = self.expect_seeds if self.expect_seeds is not None else sorted(everywhere)
         for col in self.columns:
             where = f" ({self._title(col)})" if len(self.columns) > 1 else ""
             own = [r for row in self.rows if row not in SHARED_ROWS for r in self.by_cell.get((col, row), [])]
-            seeds = self.expect_seeds if self.expect_seeds is not None else sorted({r.seed for r in own})
-            absent = [row for row in self.expect_rows if not self.by_cell.get((col, row))]
+            absent = [row for row in self.expect_rows if row not in SHARED_ROWS and not self.by_cell.get((col, row))]
             if absent:
                 out.append(f"no results{where}: " + ", ".join(self.label(row, short=True) for row in absent))
             for row in self.rows:
