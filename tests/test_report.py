@@ -112,6 +112,9 @@ def test_table_layout_cells_averages_and_tests(tmp_path):
                 for cd, bl in (([1] * (60 - s) + [0] * s, [i % 2 for i in range(60)]) for s in (0, 1, 2))]
     assert t["p_mcnemar"] == pytest.approx(max(per_seed)) and (t["ref_only"], t["other_only"]) == (29, 1)
     assert table.tests[(("llama3_8b", "gsm8k"), "dpo")]["p_mcnemar"] < 1e-4  # DPO fails a third in every seed
+    # each seed's own difference beside the pooled interval: cDPO solves 60 - s, the baseline 30 of 60
+    assert t["per_seed"] == pytest.approx([100 * (60 - s - 30) / 60 for s in (0, 1, 2)])
+    assert "| +50.0, +48.3, +46.7 |" in table.significance_markdown()
 
     rows = list(csv.DictReader(io.StringIO(table.csv())))
     assert len(rows) == 3 * 4 + 3 * 2  # every cell and every group average
@@ -387,6 +390,7 @@ def test_a_partial_grid_compares_rows_on_the_sample_sets_both_have(tmp_path):
     assert "| 0, 1 vs 2 (no sample set in common) |" in table.significance_markdown()
     rows = {r["method.name"]: r for r in csv.DictReader(io.StringIO(table.csv()))}
     assert rows["dpo"]["tested_on_seeds"] == "0;1" and rows["cdpo"]["tested_on_seeds"] == ""
+    assert rows["dpo"]["delta_per_seed"] == "0.00;0.00" and rows["ipo"]["delta_per_seed"] == ""  # none across sets
     # the report says the grid is partial, naming what it lacks (the seeds: those some method row has)
     assert table.missing() == ["SFT (positive CE model): seed 2 missing", "IPO: seeds 0, 1 missing",
                                "cDPO: seed 2 missing"]

@@ -47,7 +47,8 @@ def build_report(runs: list[str], out: str | Path, *, rows: str = "method.name",
         table.markdown(), f"{len(results)} runs, read from {' and '.join(sources)}.", "",
         f"Each row against {table.label(reference, short=True)} on the questions both answered: Δ in "
         f"accuracy points with a 95 % paired-bootstrap interval ({resamples} resamples of the questions; with "
-        f"several seeds a question scores the fraction of seeds that solved it), and McNemar's exact test per "
+        f"several seeds a question scores the fraction of seeds that solved it; the interval holds the sample sets "
+        f"fixed, so the spread of each seed's own Δ is shown beside it), and McNemar's exact test per "
         f"seed (matched by seed number), of which the largest p is shown. Both rows are taken on the sample sets "
         f"they share (`seeds`: a replicate's samples and CE models); rows that share none are compared across "
         f"sample sets, said so, and never starred:", "", table.significance_markdown(),

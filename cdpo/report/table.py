@@ -149,9 +149,13 @@ class Table:
         pairs = [(x, y) for x in ref for y in other if x.seed == y.seed] or [(x, y) for x in ref for y in other]
         mc = max((mcnemar_exact([x.correct[q] for q in questions], [y.correct[q] for q in questions])
                   for x, y in pairs), key=lambda m: m["p"])
+        # each seed's own difference: with whole replicates as seeds, their spread is the sample set's effect,
+        # which the interval above (the questions resampled, the sample sets fixed) does not contain
+        per_seed = ([100 * mean(x.correct[q] - y.correct[q] for q in questions) for x, y in pairs]
+                    if matched and len(pairs) > 1 else [])
         return {"questions": len(questions), "delta": 100 * boot["delta"], "ci_low": 100 * boot["ci_low"],
                 "ci_high": 100 * boot["ci_high"], "p_bootstrap": boot["p"], "p_mcnemar": mc["p"],
-                "ref_only": mc["n10"], "other_only": mc["n01"], "matched": matched,
+                "ref_only": mc["n10"], "other_only": mc["n01"], "matched": matched, "per_seed": per_seed,
                 "seeds": _seeds(ref) if matched else f"{_seeds(ref)} vs {_seeds(other)} (no sample set in common)"}
 
     def p(self, col, row) -> float | None:
@@ -249,16 +253,17 @@ class Table:
 
     def significance_markdown(self) -> str:
         ref = self.label(self.reference, short=True)
-        lines = [f"| column | {ref} vs | Δ (points) | 95 % CI | p, paired bootstrap | p, McNemar exact (worst seed) | "
-                 f"only {ref} right / only other right (that seed) | questions | seeds |",
-                 "|---|---|---|---|---|---|---|---|---|"]
+        lines = [f"| column | {ref} vs | Δ (points) | 95 % CI | Δ per seed | p, paired bootstrap | p, McNemar exact "
+                 f"(worst seed) | only {ref} right / only other right (that seed) | questions | seeds |",
+                 "|---|---|---|---|---|---|---|---|---|---|"]
         for (col, row), t in self.tests.items():
             title = self._title(col)
             if t is None:
-                lines.append(f"| {title} | {self.label(row)} | no per-question predictions | | | | | | |")
+                lines.append(f"| {title} | {self.label(row)} | no per-question predictions | | | | | | | |")
                 continue
             lines.append(f"| {title} | {self.label(row)} | {t['delta']:+.1f} | "
-                         f"[{t['ci_low']:+.1f}, {t['ci_high']:+.1f}] | {t['p_bootstrap']:.4g} | {t['p_mcnemar']:.4g} | "
+                         f"[{t['ci_low']:+.1f}, {t['ci_high']:+.1f}] | {', '.join(f'{d:+.1f}' for d in t['per_seed'])} | "
+                         f"{t['p_bootstrap']:.4g} | {t['p_mcnemar']:.4g} | "
                          f"{t['ref_only']} / {t['other_only']} | {t['questions']} | {t['seeds']} |")
         return "\n".join(lines) + "\n"
 
@@ -267,7 +272,7 @@ class Table:
         w = csv.writer(buf)
         w.writerow(["model", "data", self.rows_key, "n_seeds", "seeds", "accuracies", "mean", "std",
                     f"{self.reference}_minus_row", "ci_low", "ci_high", "p_bootstrap", "p_mcnemar", "questions",
-                    "tested_on_seeds"])
+                    "tested_on_seeds", "delta_per_seed"])
         for title, spec in self._header():
             for row in self.rows:
                 v = self._value(spec, row)
@@ -278,7 +283,8 @@ class Table:
                 w.writerow([model, data, row, len(v["seeds"]), ";".join(map(str, v["seeds"])),
                             ";".join(f"{a:.2f}" for a in v["accuracies"]), f"{v['mean']:.2f}",
                             "" if v["std"] is None else f"{v['std']:.2f}",
-                            *([""] * 7 if t is None else
+                            *([""] * 8 if t is None else
                               [f"{t['delta']:.2f}", f"{t['ci_low']:.2f}", f"{t['ci_high']:.2f}",
-                               f"{t['p_bootstrap']:.4g}", f"{t['p_mcnemar']:.4g}", t["questions"], t["seeds"].replace(", ", ";")])])
+                               f"{t['p_bootstrap']:.4g}", f"{t['p_mcnemar']:.4g}", t["questions"], t["seeds"].replace(", ", ";"),
+                               ";".join(f"{d:.2f}" for d in t["per_seed"])])])
         return buf.getvalue()
