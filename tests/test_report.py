@@ -381,6 +381,7 @@ def test_a_partial_grid_compares_rows_on_the_sample_sets_both_have(tmp_path):
     col = ("smollm2_135m", "arith")
     dpo = table.tests[(col, "dpo")]
     assert dpo["delta"] == 0.0 and dpo["p_bootstrap"] == 1.0 and dpo["seeds"] == "0, 1" and dpo["matched"]
+    assert table.verdict(col, "dpo") == "pending"  # cDPO's replicate 2 is still to come
     ipo = table.tests[(col, "ipo")]
     assert not ipo["matched"] and ipo["seeds"] == "0, 1 vs 2 (no sample set in common)"
     assert ipo["delta"] > 30 and ipo["p_bootstrap"] < 0.005  # a large difference, yet across sample sets
@@ -407,7 +408,34 @@ def test_a_partial_grid_compares_rows_on_the_sample_sets_both_have(tmp_path):
         _write_shared(root / f"samples{seed}", "smollm2_135m", "arith", "sft", bad, seed=seed, adapter="a2", samples=2)
     table = Table(collect_local([root]), resamples=500)
     assert table.tests[(col, "dpo")]["seeds"] == "0, 1, 2" and table.tests[(col, "ipo")]["delta"] == 0.0
+    assert table.verdict(col, "ipo") == table.verdict(col, "dpo") == "unresolved"  # complete, and no difference
     assert table.missing() == [] and "Partial grid" not in table.markdown()  # complete: nothing named
+
+
+def test_the_verdict_applies_the_rule_fixed_before_the_grid(tmp_path):
+    """Holds: positive in every replicate with McNemar p < 0.005 each and the interval above 0; reversed: the same
+    the other way; unresolved: one replicate short of it; pending while a replicate is missing."""
+    root, n = tmp_path / "grid", 200
+    first = lambda k: [int(i < k) for i in range(n)]  # noqa: E731
+    rows = {"cdpo": [150, 150, 150], "dpo": [50, 50, 50], "rpo": [200, 200, 200], "ipo": [50, 50, 145],
+            "simpo": [150, 150]}
+    for method, solved in rows.items():
+        for seed, k in enumerate(solved):
+            _replicate(root, method, seed, first(k))
+    # the close replicate on its own: 5 questions only cDPO solves, none the other way; p = 0.0625 > 0.005
+    assert sps.binomtest(5, 5).pvalue == pytest.approx(0.0625)
+    table = Table(collect_local([root]), resamples=2000)
+    col = ("smollm2_135m", "arith")
+    verdicts = {row: table.verdict(col, row) for row in ("dpo", "rpo", "ipo", "simpo")}
+    assert verdicts == {"dpo": "holds", "rpo": "reversed", "ipo": "unresolved", "simpo": "pending"}
+    assert table.tests[(col, "ipo")]["ci_low"] > 0  # the pooled interval alone would have called it
+    assert "| 0, 1, 2 | holds |" in table.significance_markdown()
+    csv_rows = {r["method.name"]: r["verdict"] for r in csv.DictReader(io.StringIO(table.csv()))}
+    assert csv_rows == {"cdpo": "", **verdicts}
+    # with its third replicate SimPO is judged; the missing reference replicate makes every row pending
+    _replicate(root, "simpo", 2, first(150))
+    assert Table(collect_local([root]), resamples=500).verdict(col, "simpo") == "unresolved"  # equal: Δ 0
+    assert Table(collect_local([root]), resamples=10, expect_seeds=[0, 1, 2, 3]).verdict(col, "dpo") == "pending"
 
 
 def test_a_partial_ablation_or_column_is_named():

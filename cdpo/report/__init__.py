@@ -51,7 +51,11 @@ def build_report(runs: list[str], out: str | Path, *, rows: str = "method.name",
         f"fixed, so the spread of each seed's own Δ is shown beside it), and McNemar's exact test per "
         f"seed (matched by seed number), of which the largest p is shown. Both rows are taken on the sample sets "
         f"they share (`seeds`: a replicate's samples and CE models); rows that share none are compared across "
-        f"sample sets, said so, and never starred:", "", table.significance_markdown(),
+        f"sample sets, said so, and never starred. The last column applies a rule fixed before the embedded grid's "
+        f"rows were in: {table.label(reference, short=True)}'s advantage *holds* when its Δ is positive in every "
+        f"seed with McNemar's p < {alpha:g} in each and the 95 % interval excludes 0, is *reversed* when the same "
+        f"holds the other way, and is otherwise *unresolved* (*pending* while either row lacks a seed):", "",
+        table.significance_markdown(),
         *(f"![{f.stem}: chosen (solid) and rejected (dashed) log-probs during training]({f.name})\n"
           for f in figures), cost_markdown(stage_markers(runs))])
     md_path, csv_path = out.parent / f"{out.name}.md", out.parent / f"{out.name}.csv"

@@ -147,15 +147,16 @@ class Table:
         # McNemar needs one binary outcome per question and method: test each seed (matched by seed, or
         # every combination when the two share none) and keep the least significant
         pairs = [(x, y) for x in ref for y in other if x.seed == y.seed] or [(x, y) for x in ref for y in other]
-        mc = max((mcnemar_exact([x.correct[q] for q in questions], [y.correct[q] for q in questions])
-                  for x, y in pairs), key=lambda m: m["p"])
+        tests = [mcnemar_exact([x.correct[q] for q in questions], [y.correct[q] for q in questions]) for x, y in pairs]
+        mc = max(tests, key=lambda m: m["p"])
         # each seed's own difference: with whole replicates as seeds, their spread is the sample set's effect,
         # which the interval above (the questions resampled, the sample sets fixed) does not contain
-        per_seed = ([100 * mean(x.correct[q] - y.correct[q] for q in questions) for x, y in pairs]
-                    if matched and len(pairs) > 1 else [])
+        deltas = [100 * mean(x.correct[q] - y.correct[q] for q in questions) for x, y in pairs]
+        per_seed = deltas if matched and len(pairs) > 1 else []
         return {"questions": len(questions), "delta": 100 * boot["delta"], "ci_low": 100 * boot["ci_low"],
                 "ci_high": 100 * boot["ci_high"], "p_bootstrap": boot["p"], "p_mcnemar": mc["p"],
                 "ref_only": mc["n10"], "other_only": mc["n01"], "matched": matched, "per_seed": per_seed,
+                "by_seed": [(d, m["p"]) for d, m in zip(deltas, tests)] if matched else [],
                 "seeds": _seeds(ref) if matched else f"{_seeds(ref)} vs {_seeds(other)} (no sample set in common)"}
 
     def p(self, col, row) -> float | None:
@@ -169,30 +170,54 @@ class Table:
                                     and self.tests[(col, row)]["matched"] and self.p(col, row) < self.alpha
                                     for row in others)
 
+    def verdict(self, col, row) -> str:
+        """The rule fixed before the embedded grid's rows were in. The reference's advantage over the row *holds*
+        when its Δ is positive in every seed with McNemar's p < alpha in each and the pooled 95 % interval
+        excludes 0; it is *reversed* when the same holds the other way; else *unresolved*. *pending* while
+        either row lacks a seed the grid expects (`missing`), *not paired* across sample sets."""
+        t = self.tests.get((col, row))
+        if t is None:
+            return ""
+        if self._lacking(col, row) or self._lacking(col, self.reference):
+            return "pending"
+        if not t["by_seed"]:
+            return "not paired"
+        for sign, word in ((1, "holds"), (-1, "reversed")):
+            if (all(sign * d > 0 and p < self.alpha for d, p in t["by_seed"])
+                    and sign * t["ci_low"] > 0 and sign * t["ci_high"] > 0):
+                return word
+        return "unresolved"
+
     # --- completeness ------------------------------------------------------------------------
+    def _expected_seeds(self) -> list[int]:
+        if self.expect_seeds is not None:
+            return self.expect_seeds
+        return sorted({r.seed for (_, row), rs in self.by_cell.items() if row not in SHARED_ROWS for r in rs})
+
+    def _lacking(self, col, row) -> list[int]:
+        """The seeds a present row lacks: a method row, those expected; the SFT row, one per sample set of the
+        column's methods; the base row (the untrained model) none."""
+        have = self.by_cell.get((col, row), [])
+        if row == "base" or not have:
+            return []
+        if row == "sft_pos":
+            own = [r for other in self.rows if other not in SHARED_ROWS for r in self.by_cell.get((col, other), [])]
+            sets = {r.samples for r in have}
+            return sorted({r.seed for r in own if r.samples not in sets})
+        return sorted(set(self._expected_seeds()) - {r.seed for r in have})
+
     def missing(self) -> list[str]:
         """What a partial grid lacks, per column: expected rows with no result, and rows short of seeds (each
         method row: `expect_seeds`, else every seed a method row of any column has; the SFT row: one per
         sample set of the methods; the base and SFT rows are the pipeline's own, never expected by name). Until they arrive the star compares the reference with the rows present."""
         out = []
-        everywhere = {r.seed for (_, row), rs in self.by_cell.items() if row not in SHARED_ROWS for r in rs}
-        seeds = self.expect_seeds if self.expect_seeds is not None else sorted(everywhere)
         for col in self.columns:
             where = f" ({self._title(col)})" if len(self.columns) > 1 else ""
-            own = [r for row in self.rows if row not in SHARED_ROWS for r in self.by_cell.get((col, row), [])]
             absent = [row for row in self.expect_rows if row not in SHARED_ROWS and not self.by_cell.get((col, row))]
             if absent:
                 out.append(f"no results{where}: " + ", ".join(self.label(row, short=True) for row in absent))
             for row in self.rows:
-                have = self.by_cell.get((col, row), [])
-                if row == "base" or not have:
-                    continue
-                if row == "sft_pos":
-                    sets = {r.samples for r in have}
-                    lacking = sorted({r.seed for r in own if r.samples not in sets})
-                else:
-                    lacking = sorted(set(seeds) - {r.seed for r in have})
-                if lacking:
+                if lacking := self._lacking(col, row):
                     seeds_word = "seeds" if len(lacking) > 1 else "seed"
                     out.append(f"{self.label(row, short=True)}{where}: {seeds_word} {', '.join(map(str, lacking))} missing")
         return out
@@ -254,17 +279,17 @@ class Table:
     def significance_markdown(self) -> str:
         ref = self.label(self.reference, short=True)
         lines = [f"| column | {ref} vs | Δ (points) | 95 % CI | Δ per seed | p, paired bootstrap | p, McNemar exact "
-                 f"(worst seed) | only {ref} right / only other right (that seed) | questions | seeds |",
-                 "|---|---|---|---|---|---|---|---|---|---|"]
+                 f"(worst seed) | only {ref} right / only other right (that seed) | questions | seeds | {ref}'s advantage |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         for (col, row), t in self.tests.items():
             title = self._title(col)
             if t is None:
-                lines.append(f"| {title} | {self.label(row)} | no per-question predictions | | | | | | | |")
+                lines.append(f"| {title} | {self.label(row)} | no per-question predictions | | | | | | | | |")
                 continue
             lines.append(f"| {title} | {self.label(row)} | {t['delta']:+.1f} | "
                          f"[{t['ci_low']:+.1f}, {t['ci_high']:+.1f}] | {', '.join(f'{d:+.1f}' for d in t['per_seed'])} | "
                          f"{t['p_bootstrap']:.4g} | {t['p_mcnemar']:.4g} | "
-                         f"{t['ref_only']} / {t['other_only']} | {t['questions']} | {t['seeds']} |")
+                         f"{t['ref_only']} / {t['other_only']} | {t['questions']} | {t['seeds']} | {self.verdict(col, row)} |")
         return "\n".join(lines) + "\n"
 
     def csv(self) -> str:
@@ -272,7 +297,7 @@ class Table:
         w = csv.writer(buf)
         w.writerow(["model", "data", self.rows_key, "n_seeds", "seeds", "accuracies", "mean", "std",
                     f"{self.reference}_minus_row", "ci_low", "ci_high", "p_bootstrap", "p_mcnemar", "questions",
-                    "tested_on_seeds", "delta_per_seed"])
+                    "tested_on_seeds", "delta_per_seed", "verdict"])
         for title, spec in self._header():
             for row in self.rows:
                 v = self._value(spec, row)
@@ -283,8 +308,8 @@ class Table:
                 w.writerow([model, data, row, len(v["seeds"]), ";".join(map(str, v["seeds"])),
                             ";".join(f"{a:.2f}" for a in v["accuracies"]), f"{v['mean']:.2f}",
                             "" if v["std"] is None else f"{v['std']:.2f}",
-                            *([""] * 8 if t is None else
+                            *([""] * 9 if t is None else
                               [f"{t['delta']:.2f}", f"{t['ci_low']:.2f}", f"{t['ci_high']:.2f}",
                                f"{t['p_bootstrap']:.4g}", f"{t['p_mcnemar']:.4g}", t["questions"], t["seeds"].replace(", ", ";"),
-                               ";".join(f"{d:.2f}" for d in t["per_seed"])])])
+                               ";".join(f"{d:.2f}" for d in t["per_seed"]), self.verdict(spec, row)])])
         return buf.getvalue()
