@@ -29,7 +29,9 @@ def _holder(f) -> str:
         info = json.loads(f.read() or "{}")
     except json.JSONDecodeError:
         return "another job"
-    return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')} ({info.get('command', '')[:120]})"
+    command = info.get("command", "")
+    command = command if len(command) <= 120 else command[:119] + "…"  # cut, and said so
+    return f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')} ({command})"
 
 
 @contextlib.contextmanager

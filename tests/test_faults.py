@@ -412,3 +412,29 @@ def test_a_stop_swallowed_by_a_finaliser_still_exits_128_plus_signal():
         for s, handler in saved.items():
             signal.signal(s, handler)
         signals.received.clear()
+
+
+def test_a_long_holder_command_is_cut_and_says_so(tmp_path):
+    """The holder's command line is cut to one readable line; a cut shows "…" so a sweep's list of methods is
+    not read as complete."""
+    import fcntl
+
+    from cdpo.errors import LockError
+    from cdpo.lock import read_lock
+
+    command = "train.py -m method=" + ",".join(f"m{i}" for i in range(60))
+    lock = tmp_path / ".lock"
+    lock.write_text(json.dumps({"pid": 7, "host": "h", "since": "then", "command": command}))
+    with lock.open("r") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the job
+        with pytest.raises(LockError) as err:
+            with read_lock(lock):
+                pass
+    assert err.value.holder.startswith("pid 7 on h since then (train.py -m method=m0,m1,")
+    assert err.value.holder.endswith("…)") and len(err.value.holder) < 160 and command not in err.value.holder
+    lock.write_text(json.dumps({"pid": 7, "host": "h", "since": "then", "command": "train.py"}))
+    with lock.open("r") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(LockError, match=r"\(train.py\)$"):
+            with read_lock(lock):
+                pass
