@@ -151,12 +151,12 @@ class Table:
         mc = max(tests, key=lambda m: m["p"])
         # each seed's own difference: with whole replicates as seeds, their spread is the sample set's effect,
         # which the interval above (the questions resampled, the sample sets fixed) does not contain
-        deltas = [100 * mean(x.correct[q] - y.correct[q] for q in questions) for x, y in pairs]
-        per_seed = deltas if matched and len(pairs) > 1 else []
+        by_seed = ([(100 * mean(x.correct[q] - y.correct[q] for q in questions), m["p"]) for (x, y), m in zip(pairs, tests)]
+                   if matched else [])
         return {"questions": len(questions), "delta": 100 * boot["delta"], "ci_low": 100 * boot["ci_low"],
                 "ci_high": 100 * boot["ci_high"], "p_bootstrap": boot["p"], "p_mcnemar": mc["p"],
-                "ref_only": mc["n10"], "other_only": mc["n01"], "matched": matched, "per_seed": per_seed,
-                "by_seed": [(d, m["p"]) for d, m in zip(deltas, tests)] if matched else [],
+                "ref_only": mc["n10"], "other_only": mc["n01"], "matched": matched, "by_seed": by_seed,
+                "per_seed": [d for d, _ in by_seed] if len(by_seed) > 1 else [],
                 "seeds": _seeds(ref) if matched else f"{_seeds(ref)} vs {_seeds(other)} (no sample set in common)"}
 
     def p(self, col, row) -> float | None:
